@@ -1,0 +1,209 @@
+"""Memory-bounded, exact PyTorch path for 2-simplicial attention (trilinear form).
+
+This is what runs wherever the Triton kernels do not (CPU, non-NVIDIA GPUs, float64).
+It never holds an ``S x w1 x w2`` tensor for the whole sequence: queries are processed
+in chunks, and the backward recomputes each chunk's probabilities from the saved
+log-sum-exp instead of storing them.
+
+Per query ``i`` the valid keys are a window of ``ws`` positions ``l = i - t`` of one key
+set (the *small* window) and ``wb`` positions ``j`` of the other (the *big* window); the
+op is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``, so whichever
+window is larger takes the big role. With the virtual query ``z[i, t] = q_i * k_s[i - t]``
+(SPEC §3) the logits are an ordinary matrix product
+
+    logit[i, t, j] = scale * <z[i, t], k_b[j]>,      i - wb < j <= i
+
+For a chunk of ``C`` queries the big windows together span ``C + wb - 1`` consecutive
+positions, so each chunk is a handful of large GEMMs against that contiguous slice, with
+a band mask (``(C + wb - 1) / wb`` times the useful work; C is kept near ``wb / 4``).
+Only the small windows (``ws`` rows) are gathered, and their gradients are scattered
+back with ``F.fold`` (overlap-add), which is deterministic.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# Elements of one chunk's [B, Hq, C, ws, C + wb - 1] logit tensor. The backward holds
+# about four tensors of this size at once, so the default peak is a few hundred MB.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, S, H, X] -> [B, H, S, X]`` contiguous, in the compute dtype."""
+    return x.to(dtype).transpose(1, 2).contiguous()
+
+
+def _padded(x: torch.Tensor, w: int) -> torch.Tensor:
+    """Zero-pad ``[B, H, S, X]`` with ``w - 1`` positions in front, so that position ``p``
+    lives at index ``p + w - 1`` and every window is in range."""
+    return F.pad(x, (0, 0, w - 1, 0))
+
+
+def _chunk_size(S: int, per_row: int, ws: int, wb: int) -> int:
+    """Queries per chunk: near ``wb / 4`` (little band waste), within the memory budget."""
+    C = max(16, wb // 4)
+    while C > 1 and per_row * ws * C * (C + wb - 1) > CHUNK_ELEMENTS:
+        C //= 2
+    return max(1, min(S, C))
+
+
+def _overlap_add(x: torch.Tensor, out: torch.Tensor, c0: int) -> None:
+    """Add small-window rows ``x [B, H, C, w, X]`` (entry ``e`` of query ``c0 + c`` is
+    padded index ``c0 + c + e``) into ``out [B, H, S + w - 1, X]``."""
+    B, H, C, w, X = x.shape
+    cols = x.permute(0, 1, 4, 3, 2).reshape(B * H, X * w, C)        # fold wants [N, X*w, L]
+    summed = F.fold(cols, output_size=(C + w - 1, 1), kernel_size=(w, 1))
+    out[:, :, c0 : c0 + C + w - 1] += summed.view(B, H, X, C + w - 1).transpose(-1, -2)
+
+
+class _Chunk:
+    """Queries ``[c0, c1)``: small windows, the big-window slice, virtual queries, logits.
+
+    Big-window key ``r`` of the slice is position ``c0 - wb + 1 + r``; query ``c0 + c``
+    sees ``r`` in ``[c, c + wb)``. Small-window entry ``e`` is position ``c0 + c + e - ws + 1``.
+    """
+
+    def __init__(self, q, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale):
+        C, R = c1 - c0, c1 - c0 + wb - 1
+        self.ks = ksp[:, :, c0 : c1 + ws - 1].unfold(2, ws, 1).transpose(-1, -2)   # [B, H, C, ws, D]
+        self.vs = vsp[:, :, c0 : c1 + ws - 1].unfold(2, ws, 1).transpose(-1, -2)   # [B, H, C, ws, Dv]
+        self.kb = kbp[:, :, c0 : c0 + R]                                            # [B, H, R, D]
+        self.vb = vbp[:, :, c0 : c0 + R]                                            # [B, H, R, Dv]
+        self.q = q[:, :, c0:c1]                                                     # [B, H, C, G, D]
+        B, H, _, G, D = self.q.shape
+        self.shape = (B, H, C, G, ws, R)
+        # virtual queries z[i, g, t] = q[i, g] * k_s[i - t], as rows of one matrix
+        self.z = (self.q[:, :, :, :, None, :] * self.ks[:, :, :, None]).reshape(B, H, C * G * ws, D)
+        logits = torch.matmul(self.z, self.kb.transpose(-1, -2)).mul_(scale).view(self.shape)
+        steady = min(c0, max(ws, wb) - 1)               # past both windows' start the mask repeats
+        self.logits = logits.masked_fill_(_invalid(C, ws, wb, steady, q.device), float("-inf"))   # [B, H, C, G, ws, R]
+
+
+@functools.lru_cache(maxsize=16)
+def _invalid(C: int, ws: int, wb: int, c0: int, device) -> torch.Tensor:
+    """``[C, 1, ws or 1, R]`` True where (query c0+c, small entry e, big key r) is not a
+    valid triple: r outside ``[c, c + wb)``, or either key before position 0."""
+    R = C + wb - 1
+    c = torch.arange(C, device=device)[:, None]
+    r = torch.arange(R, device=device)[None, :]
+    bad = (r < c) | (r >= c + wb) | (r < wb - 1 - c0)                    # [C, R]
+    bad = bad[:, None, None, :]
+    if c0 < ws - 1:                                                      # small window before position 0
+        e = torch.arange(ws, device=device)[None, :]
+        bad = bad | (c0 + c + e - (ws - 1) < 0)[:, None, :, None]
+    return bad
+
+
+def _prepare(q, k1, v1, k2, v2, w1, w2):
+    B, S, Hq, D = q.shape
+    Hkv = k1.shape[2]
+    dt = _compute_dtype(q.dtype)
+    w1, w2 = min(w1, S), min(w2, S)
+    small_is_k2 = w1 >= w2                   # the larger window takes the big (matmul) role
+    ks, vs, ws, kb, vb, wb = (k2, v2, w2, k1, v1, w1) if small_is_k2 else (k1, v1, w1, k2, v2, w2)
+    qh = _heads_first(q, dt).view(B, Hkv, Hq // Hkv, S, D).transpose(2, 3)   # [B, Hkv, S, G, D]
+    ksp, vsp = _padded(_heads_first(ks, dt), ws), _padded(_heads_first(vs, dt), ws)
+    kbp, vbp = _padded(_heads_first(kb, dt), wb), _padded(_heads_first(vb, dt), wb)
+    chunk = _chunk_size(S, B * Hq, ws, wb)
+    return qh, ksp, vsp, kbp, vbp, ws, wb, small_is_k2, chunk
+
+
+def chunked_forward(q, k1, v1, k2, v2, w1, w2, scale):
+    """``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S])``; lse stays in the compute dtype
+    (float64 for float64 inputs) so that the backward recomputes P exactly."""
+    B, S, Hq, _ = q.shape
+    Hkv, Dv = v1.shape[2], v1.shape[3]
+    qh, ksp, vsp, kbp, vbp, ws, wb, _, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
+    G = Hq // Hkv
+    out = torch.empty(B, Hkv, S, G, Dv, dtype=qh.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, S, G, dtype=qh.dtype, device=q.device)
+    for c0 in range(0, S, chunk):
+        c1 = min(S, c0 + chunk)
+        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale)
+        flat = ch.logits.flatten(-2)                                  # one softmax over the pair (t, j)
+        m = flat.logsumexp(-1)                                        # [B, H, C, G]
+        P = flat.sub_(m[..., None]).exp_()                            # in place: logits are not needed again
+        # out[i, g] = sum_t v_s[i - t] * sum_j P[i, g, t, j] v_b[j]
+        Y = torch.matmul(P.view(B, Hkv, -1, ch.shape[-1]), ch.vb)     # [B, H, C*G*ws, Dv]
+        out[:, :, c0:c1] = (Y.view(*ch.shape[:5], Dv) * ch.vs[:, :, :, None]).sum(-2)
+        lse[:, :, c0:c1] = m
+    out = out.transpose(2, 3).reshape(B, Hq, S, Dv).transpose(1, 2).to(q.dtype)
+    return out, lse.transpose(2, 3).reshape(B, Hq, S)
+
+
+def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
+    """Gradients ``(dq, dk1, dv1, dk2, dv2)`` by SPEC §2, recomputing P chunk by chunk."""
+    B, S, Hq, D = q.shape
+    Hkv, Dv = v1.shape[2], v1.shape[3]
+    qh, ksp, vsp, kbp, vbp, ws, wb, small_is_k2, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
+    dt, G = qh.dtype, Hq // Hkv
+    doh = _heads_first(do, dt).view(B, Hkv, G, S, Dv).transpose(2, 3)         # [B, Hkv, S, G, Dv]
+    oh = _heads_first(out, dt).view(B, Hkv, G, S, Dv).transpose(2, 3)
+    delta = (doh * oh).sum(-1)                                                 # Delta_i = <dO_i, O_i>
+    lseh = lse.to(dt).view(B, Hkv, G, S).transpose(2, 3)                       # [B, Hkv, S, G]
+    dq = torch.empty_like(qh)
+    dksp, dvsp = torch.zeros_like(ksp), torch.zeros_like(vsp)
+    dkbp, dvbp = torch.zeros_like(kbp), torch.zeros_like(vbp)
+    for c0 in range(0, S, chunk):
+        c1 = min(S, c0 + chunk)
+        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale)
+        _, _, C, _, _, R = ch.shape
+        P = ch.logits.sub_(lseh[:, :, c0:c1, :, None, None]).exp_()           # [B, H, C, G, ws, R]
+        Pm = P.view(B, Hkv, -1, R)                                            # rows = virtual queries
+        dO = doh[:, :, c0:c1]                                                 # [B, H, C, G, Dv]
+        # virtual output gradient dO'[i, g, t] = dO[i, g] * v_s[i - t]
+        dOv = (dO[:, :, :, :, None] * ch.vs[:, :, :, None]).reshape(B, Hkv, -1, Dv)
+        # dv_b[j] = sum_{i,g,t} P[i,g,t,j] dO'[i,g,t]
+        dvbp[:, :, c0 : c0 + R] += torch.matmul(Pm.transpose(-1, -2), dOv)
+        # dv_s[l] = sum_{i,g} dO[i,g] * (P @ v_b)[i,g,t]
+        Y = torch.matmul(Pm, ch.vb).view(B, Hkv, C, G, ws, Dv)
+        _overlap_add((Y * dO[:, :, :, :, None]).sum(3), dvsp, c0)
+        # dS = P * (dP - Delta), dP[i,g,t,j] = <dO'[i,g,t], v_b[j]>
+        dP = torch.matmul(dOv, ch.vb.transpose(-1, -2)).view_as(P)
+        dS = P.mul_(dP.sub_(delta[:, :, c0:c1, :, None, None])).view(B, Hkv, -1, R)   # reuses P's storage
+        # dk_b[j] = scale * sum_{i,g,t} dS[i,g,t,j] z[i,g,t]
+        dkbp[:, :, c0 : c0 + R] += torch.matmul(dS.transpose(-1, -2), ch.z).mul_(scale)
+        # T[i,g,t] = sum_j dS[i,g,t,j] k_b[j]; dq_i = scale sum_t T * k_s[i-t]; dk_s[l] = scale sum_g T * q_i
+        T = torch.matmul(dS, ch.kb).view(B, Hkv, C, G, ws, D)
+        dq[:, :, c0:c1] = (T * ch.ks[:, :, :, None]).sum(-2) * scale
+        _overlap_add((T * ch.q[:, :, :, :, None]).sum(3) * scale, dksp, c0)
+
+    def unpad(xp, w, like):
+        return xp[:, :, w - 1 :].transpose(1, 2).to(like.dtype)
+
+    dq = dq.transpose(2, 3).reshape(B, Hq, S, D).transpose(1, 2).to(q.dtype)
+    dks, dvs = unpad(dksp, ws, k1), unpad(dvsp, ws, v1)
+    dkb, dvb = unpad(dkbp, wb, k1), unpad(dvbp, wb, v1)
+    if small_is_k2:
+        return dq, dkb, dvb, dks, dvs
+    return dq, dks, dvs, dkb, dvb
+
+
+class ChunkedTwoSimplicial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k1, v1, k2, v2, w1, w2, scale):
+        out, lse = chunked_forward(q, k1, v1, k2, v2, w1, w2, scale)
+        ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
+        ctx.args = (w1, w2, scale)
+        lse32 = lse.float()
+        ctx.mark_non_differentiable(lse32)
+        return out, lse32
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, _dlse):
+        q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
+        grads = chunked_backward(do, q, k1, v1, k2, v2, out, lse, *ctx.args)
+        return (*grads, None, None, None)
+
+
+def chunked_two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, scale):
+    """Differentiable ``(out, lse)`` for validated trilinear inputs (see ``interface``)."""
+    return ChunkedTwoSimplicial.apply(q, k1, v1, k2, v2, w1, w2, scale)

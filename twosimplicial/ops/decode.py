@@ -1,0 +1,73 @@
+"""One query against cached windows: the decode step of 2-simplicial attention.
+
+During generation each new token ``i`` attends to the last ``w1`` positions of
+``(k1, v1)`` and the last ``w2`` of ``(k2, v2)`` (its own position included). That is a
+small dense problem per head:
+
+    logit[j, k] = scale * sum_d q[d] k1[j, d] k2[k, d]     (L1 x L2 logits)
+    P           = softmax over the pair (j, k)
+    out[d]      = sum_{j,k} P[j, k] v1[j, d] v2[k, d] = sum_j v1[j, d] * (P[j, :] @ v2)[d]
+
+computed as ``(q * k1) @ k2^T`` (the virtual-query trick of SPEC §3, one row per
+``j``) in float32 (float64 for float64 inputs). ``L1 * L2 <= w1 * w2`` logits per head.
+The determinant form goes through the same Sarrus transform as the full op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .determinant import determinant_to_trilinear
+
+
+def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="trilinear", return_lse=False):
+    """Attention of one query position per sequence over given key windows.
+
+    Args:
+        q: ``[B, 1, Hq, D]``, the query at the newest position.
+        k1, v1: ``[B, L1, Hkv, D]`` / ``[B, L1, Hkv, Dv]``: exactly the positions in the
+            (k1, v1) window of that query, i.e. the last ``min(w1, i + 1)``.
+        k2, v2: ``[B, L2, Hkv, D]`` / ``[B, L2, Hkv, Dv]``: the last ``min(w2, i + 1)``.
+        scale: default ``1/sqrt(D)``.
+        form: ``"trilinear"`` or ``"determinant"``.
+
+    Returns:
+        ``out [B, 1, Hq, Dv]`` in q's dtype (and ``lse [B, Hq, 1]`` float32 with return_lse).
+    """
+    for name, t in (("q", q), ("k1", k1), ("v1", v1), ("k2", k2), ("v2", v2)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, L, H, D], got {getattr(t, 'shape', type(t))}")
+    B, one, Hq, D = q.shape
+    if one != 1:
+        raise ValueError(f"q must hold one position [B, 1, Hq, D], got shape {tuple(q.shape)}")
+    Hkv = k1.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q's head count ({Hq}) must be a positive multiple of k1's ({Hkv})")
+    if k1.shape[:3] != v1.shape[:3] or k2.shape[:3] != v2.shape[:3] or k1.shape[0] != B or k2.shape[0] != B \
+            or k2.shape[2] != Hkv:
+        raise ValueError(f"inconsistent shapes: q {tuple(q.shape)}, k1 {tuple(k1.shape)}, v1 {tuple(v1.shape)}, "
+                         f"k2 {tuple(k2.shape)}, v2 {tuple(v2.shape)}")
+    if k1.shape[1] < 1 or k2.shape[1] < 1:
+        raise ValueError("the windows must hold at least the query's own position (L1, L2 >= 1)")
+    if k1.shape[3] != D or k2.shape[3] != D or v1.shape[3] != v2.shape[3]:
+        raise ValueError(f"head dims differ: q/k1/k2 {D}/{k1.shape[3]}/{k2.shape[3]}, v1/v2 {v1.shape[3]}/{v2.shape[3]}")
+    if form not in ("trilinear", "determinant"):
+        raise ValueError(f"form must be 'trilinear' or 'determinant', got {form!r}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if form == "determinant":
+        q, k1, k2 = determinant_to_trilinear(q, k1, k2)
+
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    G = Hq // Hkv
+    L1, L2 = k1.shape[1], k2.shape[1]
+    qg = q.to(dt).reshape(B, Hkv, G, 1, -1)                       # [B, Hkv, G, 1, D']
+    k1h, v1h = k1.to(dt).transpose(1, 2), v1.to(dt).transpose(1, 2)  # [B, Hkv, L1, .]
+    k2h, v2h = k2.to(dt).transpose(1, 2), v2.to(dt).transpose(1, 2)  # [B, Hkv, L2, .]
+    z = qg * k1h[:, :, None]                                       # virtual queries q * k1_j: [B, Hkv, G, L1, D']
+    logits = scale * (z @ k2h[:, :, None].transpose(-1, -2))       # [B, Hkv, G, L1, L2]
+    lse = torch.logsumexp(logits.flatten(-2), dim=-1)              # one softmax over the pair (j, k)
+    P = torch.exp(logits - lse[..., None, None])
+    out = ((P @ v2h[:, :, None]) * v1h[:, :, None]).sum(-2)        # sum_j v1_j * (P_j @ v2): [B, Hkv, G, Dv]
+    out = out.reshape(B, 1, Hq, -1).to(q.dtype)
+    return (out, lse.reshape(B, Hq, 1).float()) if return_lse else out

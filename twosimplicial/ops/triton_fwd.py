@@ -1,0 +1,285 @@
+"""Triton forward kernel for 2-simplicial (trilinear) attention: virtual rows (SPEC §3).
+
+Notation (SPEC §1). Per batch ``b`` and query head ``h`` (kv head ``hk = h // G_kv``)::
+
+    logit[i, j, k] = scale * sum_d q[i,d] k1[j,d] k2[k,d],   i - w1 < j <= i,  i - w2 < k <= i
+    out[i]         = sum_{j,k} softmax_{(j,k)}(logit[i])[j,k] * (v1[j] * v2[k])
+
+The operation is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``, so we
+name the *small* window ``s`` (size ``ws``) and the *big* one ``b`` (size ``wb >= ws``).
+For a query ``i`` and an offset ``t in [0, ws)`` with ``l = i - t`` the *virtual query*
+
+    z[i,t] = q_i * k_s[l] * (scale * log2 e)                                    (1)
+
+turns the logits into an ordinary dot product over the big window, in base 2:
+
+    logit[i, j, l] * log2 e = <z[i,t], k_b[j]>
+
+so each virtual row ``(i, t)`` is one row of flash attention over ``k_b, v_b`` that keeps
+the running ``(m, l, acc)`` of online softmax (exp2 form). The ``ws`` rows of one query are
+then merged the way split-KV decoding merges its splits:
+
+    M = max_t m_t;   L = sum_t 2^(m_t - M) l_t
+    out_i = sum_t 2^(m_t - M) (v_s[i-t] * acc_t) / L;   lse_i = (M + log2 L) * ln 2   (2)
+
+Tiling. One program owns a tile of ``BLOCK_M = P * G * T`` virtual rows:
+``P`` consecutive query positions x ``G`` query heads of one kv group x ``T`` offsets,
+row ``r = ((p * G) + g) * T + t``. Every row of the tile reads the same ``k_b, v_b`` rows
+(the big window of positions ``i0 .. i0+P-1``), so a key block loaded once feeds all
+``BLOCK_M`` rows and almost nothing is masked: GQA-64 packs e.g. 4 heads x 32 offsets
+(P = 1), plain MHA 4 positions x 32 offsets. When ``ws > T`` the program walks the offsets
+in chunks of ``T`` and folds each chunk into the running ``(M, L, out)`` of (2); nothing is
+written to memory but ``out`` and ``lse`` (no split buffers, no atomics: deterministic).
+
+Key blocks are anchored at the right edge ``hi = i0 + P`` of the tile and walk left:
+block ``k`` covers ``[hi - (k+1) BLOCK_N, hi - k BLOCK_N)``. Block 0 holds the causal edge
+(``j <= i``) and is masked; blocks ``1 <= k < (hi - max(0, hi - wb)) // BLOCK_N`` lie inside
+every row's window and run without a mask; the rest (the left edge of the window, at most
+one or two blocks) are masked again.
+
+Numerics: fp32 accumulation; masked logits are -inf but the running max starts at a finite
+-1e30, so a row that sees only masked keys gets ``p = 2^-inf = 0`` rather than NaN, and
+rows that do not exist (offset past ``i`` or ``ws``, head or position out of range) are
+dropped from (2) by ``where`` with max -1e30 and zero weight.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _two_simplicial_fwd_kernel(
+    q_ptr, ks_ptr, vs_ptr, kb_ptr, vb_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_ksb, stride_kss, stride_ksh,
+    stride_vsb, stride_vss, stride_vsh,
+    stride_kbb, stride_kbs, stride_kbh,
+    stride_vbb, stride_vbs, stride_vbh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    S, HKV, GKV, N_HBLK, WS, WB, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, P: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = P * G * T
+    NQ: tl.constexpr = P * G                       # distinct queries (position, head) per tile
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    hblk = pid % N_HBLK                            # head block fastest: neighbours share k_b in L2
+    pblk = pid // N_HBLK
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
+    i0 = pblk * P
+
+    # ---- virtual rows r = ((p*G)+g)*T + t -------------------------------------------------
+    r = tl.arange(0, BLOCK_M)
+    t_loc = r % T
+    g_r = (r // T) % G
+    i_r = i0 + r // (G * T)                        # query position of each row
+    hl_r = hblk * G + g_r                          # head index inside the kv group
+    q_ok = (i_r < S) & (hl_r < GKV)
+    h_r = hk * GKV + hl_r                          # query head
+
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    d_ok = d < D
+    dv_ok = dv < DV
+
+    q_rows = tl.load(q_ptr + b * stride_qb + i_r[:, None] * stride_qs + h_r[:, None] * stride_qh + d[None, :],
+                     mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    ks_base = ks_ptr + b * stride_ksb + hk * stride_ksh
+    vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
+    kb_base = kb_ptr + b * stride_kbb + hk * stride_kbh
+    vb_base = vb_ptr + b * stride_vbb + hk * stride_vbh
+
+    # ---- key blocks of the big window, anchored at hi = i0 + P -----------------------------
+    hi = i0 + P
+    lo = tl.maximum(hi - P - WB + 1, 0)            # first key any row of the tile needs
+    n_blk = tl.cdiv(hi - lo, BLOCK_N)
+    full_lo = tl.maximum(hi - WB, 0)               # keys >= full_lo (and < hi - BLOCK_N) are in every window
+    n_full = (hi - full_lo) // BLOCK_N             # blocks 1 .. n_full-1 need no mask
+    n_rest = tl.maximum(n_full, 1)
+
+    # running merge (2) per query, in base 2
+    M_q = tl.full([NQ], -1.0e30, tl.float32)
+    L_q = tl.zeros([NQ], tl.float32)
+    O_q = tl.zeros([NQ, BLOCK_DV], tl.float32)
+
+    n_chunk = tl.cdiv(tl.minimum(WS, hi), T)       # offsets t > i never exist
+    for c in range(0, n_chunk):
+        t_r = c * T + t_loc
+        l_r = i_r - t_r                            # small-window key position
+        row_ok = q_ok & (t_r < WS) & (l_r >= 0)
+        ks_rows = tl.load(ks_base + l_r[:, None] * stride_kss + d[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        # (1): virtual query, with scale * log2(e) folded in so the softmax runs on exp2
+        z = (q_rows * ks_rows * qk_scale).to(kb_ptr.dtype.element_ty)
+
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        # stage 0: block 0 (causal edge, masked); stage 1: interior (no mask); stage 2: left edge (masked)
+        for stage in tl.static_range(3):
+            if stage == 0:
+                k_start = 0
+                k_end = 1
+            elif stage == 1:
+                k_start = 1
+                k_end = n_full
+            else:
+                k_start = n_rest
+                k_end = n_blk
+            for kb_i in range(k_start, k_end):
+                j = hi - (kb_i + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                if stage == 1:
+                    k_blk = tl.load(kb_base + j[:, None] * stride_kbs + d[None, :], mask=d_ok[None, :], other=0.0)
+                    v_blk = tl.load(vb_base + j[:, None] * stride_vbs + dv[None, :], mask=dv_ok[None, :], other=0.0)
+                else:
+                    j_ok = (j >= 0) & (j < S)
+                    k_blk = tl.load(kb_base + j[:, None] * stride_kbs + d[None, :],
+                                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                    v_blk = tl.load(vb_base + j[:, None] * stride_vbs + dv[None, :],
+                                    mask=j_ok[:, None] & dv_ok[None, :], other=0.0)
+                # s[r, j] = <z_r, k_b[j]> = logit * log2(e)
+                s = tl.dot(z, tl.trans(k_blk), input_precision=DOT_PREC)
+                if stage != 1:
+                    in_win = (j[None, :] <= i_r[:, None]) & (j[None, :] > i_r[:, None] - WB) & (j[None, :] >= 0)
+                    s = tl.where(in_win, s, float("-inf"))
+                # online softmax (base 2): m' = max(m, max_j s); acc = acc 2^(m-m') + 2^(s-m') v_b
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v_blk.dtype), v_blk, input_precision=DOT_PREC)
+                m_i = m_new
+
+        # (2) for this chunk: y_r = v_s[l_r] * acc_r, merged over the T offsets of each query
+        vs_rows = tl.load(vs_base + l_r[:, None] * stride_vss + dv[None, :],
+                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        y = tl.where(row_ok[:, None], acc * vs_rows, 0.0)
+        m_r = tl.where(row_ok, m_i, -1.0e30)
+        l_r_sum = tl.where(row_ok, l_i, 0.0)
+        m3 = tl.reshape(m_r, [NQ, T])
+        m_c = tl.max(m3, 1)                                    # max over the chunk's offsets
+        a3 = tl.math.exp2(m3 - m_c[:, None])
+        L_c = tl.sum(a3 * tl.reshape(l_r_sum, [NQ, T]), 1)
+        O_c = tl.sum(tl.reshape(y, [NQ, T, BLOCK_DV]) * a3[:, :, None], 1)
+        # fold into the running merge across chunks
+        M_new = tl.maximum(M_q, m_c)
+        a_old = tl.math.exp2(M_q - M_new)
+        a_new = tl.math.exp2(m_c - M_new)
+        L_q = L_q * a_old + L_c * a_new
+        O_q = O_q * a_old[:, None] + O_c * a_new[:, None]
+        M_q = M_new
+
+    # ---- epilogue: out = O / L, lse = (M + log2 L) ln 2 ----------------------------------------
+    qq = tl.arange(0, NQ)
+    i_q = i0 + qq // G
+    hl_q = hblk * G + qq % G
+    ok_q = (i_q < S) & (hl_q < GKV)
+    h_q = hk * GKV + hl_q
+    L_safe = tl.where(L_q > 0.0, L_q, 1.0)
+    o = O_q / L_safe[:, None]
+    tl.store(out_ptr + b * stride_ob + i_q[:, None] * stride_os + h_q[:, None] * stride_oh + dv[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=ok_q[:, None] & dv_ok[None, :])
+    lse = (M_q + tl.math.log2(L_safe)) * 0.6931471805599453
+    tl.store(lse_ptr + b * stride_lb + h_q * stride_lh + i_q, lse, mask=ok_q)
+
+
+# The kernel is jitted lazily, once per mode, so that TRITON_INTERPRET=1 set after this
+# module was imported (e.g. by a test fixture) still selects the interpreter: triton
+# decides between compiled and interpreted at decoration time.
+_KERNELS: dict[bool, object] = {}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernel():
+    mode = _interpret()
+    if mode not in _KERNELS:
+        _KERNELS[mode] = triton.jit(_two_simplicial_fwd_kernel)
+    return _KERNELS[mode]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def fwd_config(S: int, gkv: int, ws: int, wb: int, D: int, Dv: int, interpret: bool) -> dict:
+    """Tile shape for the kernel: rows ``BLOCK_M = P*G*T`` packed as positions x heads x offsets.
+
+    T (offsets per tile) takes as much of the small window as fits, then G takes heads of the
+    kv group, then P takes positions. Tuned on an H100 (benchmarks/NOTES.md); the interpreter
+    gets tiny tiles because it is slow.
+    """
+    if interpret:
+        block_m, block_n, warps, stages = 16, 16, 1, 1
+    else:
+        block_m = 128
+        block_n = 64 if max(D, Dv) > 64 else 128
+        if max(D, Dv) > 128:
+            block_m, block_n = 64, 32
+        warps, stages = 8, 2
+    T = min(_pow2(ws), block_m)
+    G = min(_pow2(gkv), block_m // T)
+    P = block_m // (T * G)
+    block_n = max(block_n, P)                      # the masking scheme needs P <= BLOCK_N
+    return dict(BLOCK_N=block_n, P=P, G=G, T=T, num_warps=warps, num_stages=stages)
+
+
+def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None):
+    """Forward of trilinear 2-simplicial attention.
+
+    q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2 ``[B, S, Hkv, Dv]`` (any strides;
+    a non-unit last stride is made contiguous). Returns ``(out [B, S, Hq, Dv] in q.dtype,
+    lse [B, Hq, S] float32)``. fp32 inputs use tf32 tensor cores only when ``allow_tf32``.
+    ``config`` overrides :func:`fwd_config` (for tuning).
+    """
+    B, S, Hq, D = q.shape
+    Hkv = k1.shape[2]
+    Dv = v1.shape[3]
+    # symmetric under (k1, v1, w1) <-> (k2, v2, w2): put the smaller window in the "s" role
+    if w1 >= w2:
+        kb, vb, wb, ks, vs, ws = k1, v1, w1, k2, v2, w2
+    else:
+        kb, vb, wb, ks, vs, ws = k2, v2, w2, k1, v1, w1
+    wb, ws = min(int(wb), S), min(int(ws), S)     # windows past the sequence change nothing
+    q, kb, vb, ks, vs = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kb, vb, ks, vs))
+    out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    if B * S * Hq == 0:
+        return out, lse
+    gkv = Hq // Hkv
+    interpret = _interpret()
+    cfg = dict(config) if config is not None else fwd_config(S, gkv, ws, wb, D, Dv, interpret)
+    P, G = cfg["P"], cfg["G"]
+    n_hblk = triton.cdiv(gkv, G)
+    grid = (triton.cdiv(S, P) * n_hblk, B * Hkv)
+    if q.dtype == torch.float32:
+        prec = "tf32" if allow_tf32 else "ieee"
+    else:
+        prec = "tf32"                              # ignored for 16-bit operands
+    _kernel()[grid](
+        q, ks, vs, kb, vb, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2),
+        kb.stride(0), kb.stride(1), kb.stride(2),
+        vb.stride(0), vb.stride(1), vb.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        S, Hkv, gkv, n_hblk, ws, wb, float(scale) * LOG2E,
+        D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)),
+        BLOCK_N=cfg["BLOCK_N"], P=P, G=G, T=cfg["T"], DOT_PREC=prec,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse

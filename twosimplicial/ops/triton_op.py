@@ -1,0 +1,100 @@
+"""The Triton kernels as torch custom ops, differentiable and traceable.
+
+``twosimplicial::fwd`` and ``twosimplicial::bwd`` are registered with
+``torch.library.custom_op``, each with a fake (meta) implementation that only computes
+output shapes, and the forward gets ``register_autograd``. ``torch.compile(fullgraph=True)``
+therefore sees one opaque node per call (no graph break), and CUDA-graph capture works
+because neither op synchronises, allocates outside the caching allocator or picks a
+configuration by timing.
+
+Precision: float16 / bfloat16 inputs use tensor cores with fp32 accumulation. float32
+inputs use tf32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True
+at call time (torch's default is False: full fp32 products, slower); the flag is read
+in the Python wrapper and passed to the op, so compiled graphs see it as a constant.
+
+``lse`` is returned for callers that need it (decoding, tests) but is not differentiable:
+gradients flow through ``out`` only.
+
+Both kernels are deterministic (no atomics): the same inputs give bitwise the same outputs
+and gradients.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .triton_fwd import two_simplicial_fwd
+
+
+@torch.library.custom_op("twosimplicial::fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor,
+         w1: int, w2: int, scale: float, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32)
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32):
+    B, S, Hq, _ = q.shape
+    out = q.new_empty((B, S, Hq, v1.shape[3]))
+    lse = q.new_empty((B, Hq, S), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("twosimplicial::bwd", mutates_args=())
+def _bwd(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor,
+         v2: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, w1: int, w2: int, scale: float,
+         allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    try:
+        from .triton_bwd import two_simplicial_bwd
+    except ImportError as e:                              # the backward kernels live in their own module
+        raise NotImplementedError("the Triton backward (twosimplicial.ops.triton_bwd) is not available; "
+                                  "use backend='torch' for gradients") from e
+    return two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32)
+
+
+@_bwd.register_fake
+def _bwd_fake(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32):
+    return (torch.empty_like(q), torch.empty_like(k1), torch.empty_like(v1),
+            torch.empty_like(k2), torch.empty_like(v2))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k1, v1, k2, v2, w1, w2, scale, allow_tf32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
+    ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32 = w1, w2, scale, allow_tf32
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
+    dq, dk1, dv1, dk2, dv2 = _bwd(dout.contiguous(), q, k1, v1, k2, v2, out, lse,
+                                  ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32)
+    return dq, dk1, dv1, dk2, dv2, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _allow_tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def triton_two_simplicial(q, k1, v1, k2, v2, w1: int, w2: int, scale: float):
+    """Differentiable trilinear 2-simplicial attention on the Triton kernels.
+
+    Inputs are already validated by ``twosimplicial.ops.interface`` (same dtype among
+    float16/bfloat16/float32, same device, ``[B, S, H, D]`` layout, ``Hq % Hkv == 0``).
+    Returns ``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S] float32)``.
+    """
+    return _fwd(q, k1, v1, k2, v2, int(w1), int(w2), float(scale), _allow_tf32())
+
+
+def is_available(t: torch.Tensor) -> bool:
+    """True when the kernels can run on ``t``'s device: CUDA with triton importable, or CPU
+    under the Triton interpreter (``TRITON_INTERPRET=1``). (This module imports only when
+    triton does: ``interface`` treats an ImportError as "no Triton backend".)"""
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
