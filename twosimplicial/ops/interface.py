@@ -5,6 +5,7 @@ Shapes and dtypes are checked once here; the backends (``chunked`` in PyTorch,
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 
@@ -72,11 +73,10 @@ def _check_scale(scale, D):
 
 
 def _triton_op():
-    """The Triton backend module, or None when Triton (or the kernels) cannot be imported."""
-    try:
-        from . import triton_op
-    except ImportError:
+    """The Triton backend module, or None where the ``triton`` package is not installed."""
+    if importlib.util.find_spec("triton") is None:
         return None
+    from . import triton_op
     return triton_op
 
 
