@@ -21,8 +21,6 @@ back with ``F.fold`` (overlap-add), which is deterministic.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -70,7 +68,7 @@ class _Chunk:
     sees ``r`` in ``[c, c + wb)``. Small-window entry ``e`` is position ``c0 + c + e - ws + 1``.
     """
 
-    def __init__(self, q, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale):
+    def __init__(self, q, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale, masks):
         C, R = c1 - c0, c1 - c0 + wb - 1
         self.ks = ksp[:, :, c0 : c1 + ws - 1].unfold(2, ws, 1).transpose(-1, -2)   # [B, H, C, ws, D]
         self.vs = vsp[:, :, c0 : c1 + ws - 1].unfold(2, ws, 1).transpose(-1, -2)   # [B, H, C, ws, Dv]
@@ -82,11 +80,12 @@ class _Chunk:
         # virtual queries z[i, g, t] = q[i, g] * k_s[i - t], as rows of one matrix
         self.z = (self.q[:, :, :, :, None, :] * self.ks[:, :, :, None]).reshape(B, H, C * G * ws, D)
         logits = torch.matmul(self.z, self.kb.transpose(-1, -2)).mul_(scale).view(self.shape)
-        steady = min(c0, max(ws, wb) - 1)               # past both windows' start the mask repeats
-        self.logits = logits.masked_fill_(_invalid(C, ws, wb, steady, q.device), float("-inf"))   # [B, H, C, G, ws, R]
+        key = (C, min(c0, max(ws, wb) - 1))            # past both windows' start the mask repeats
+        if key not in masks:
+            masks[key] = _invalid(C, ws, wb, key[1], q.device)
+        self.logits = logits.masked_fill_(masks[key], float("-inf"))   # [B, H, C, G, ws, R]
 
 
-@functools.lru_cache(maxsize=16)
 def _invalid(C: int, ws: int, wb: int, c0: int, device) -> torch.Tensor:
     """``[C, 1, ws or 1, R]`` True where (query c0+c, small entry e, big key r) is not a
     valid triple: r outside ``[c, c + wb)``, or either key before position 0."""
@@ -124,9 +123,10 @@ def chunked_forward(q, k1, v1, k2, v2, w1, w2, scale):
     G = Hq // Hkv
     out = torch.empty(B, Hkv, S, G, Dv, dtype=qh.dtype, device=q.device)
     lse = torch.empty(B, Hkv, S, G, dtype=qh.dtype, device=q.device)
+    masks = {}
     for c0 in range(0, S, chunk):
         c1 = min(S, c0 + chunk)
-        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale)
+        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale, masks)
         flat = ch.logits.flatten(-2)                                  # one softmax over the pair (t, j)
         m = flat.logsumexp(-1)                                        # [B, H, C, G]
         P = flat.sub_(m[..., None]).exp_()                            # in place: logits are not needed again
@@ -151,9 +151,10 @@ def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
     dq = torch.empty_like(qh)
     dksp, dvsp = torch.zeros_like(ksp), torch.zeros_like(vsp)
     dkbp, dvbp = torch.zeros_like(kbp), torch.zeros_like(vbp)
+    masks = {}
     for c0 in range(0, S, chunk):
         c1 = min(S, c0 + chunk)
-        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale)
+        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale, masks)
         _, _, C, _, _, R = ch.shape
         P = ch.logits.sub_(lseh[:, :, c0:c1, :, None, None]).exp_()           # [B, H, C, G, ws, R]
         Pm = P.view(B, Hkv, -1, R)                                            # rows = virtual queries

@@ -60,7 +60,6 @@ def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="tril
 
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     G = Hq // Hkv
-    L1, L2 = k1.shape[1], k2.shape[1]
     qg = q.to(dt).reshape(B, Hkv, G, 1, -1)                       # [B, Hkv, G, 1, D']
     k1h, v1h = k1.to(dt).transpose(1, 2), v1.to(dt).transpose(1, 2)  # [B, Hkv, L1, .]
     k2h, v2h = k2.to(dt).transpose(1, 2), v2.to(dt).transpose(1, 2)  # [B, Hkv, L2, .]

@@ -1,0 +1,73 @@
+"""Feed-forward blocks: SwiGLU and a top-k mixture of SwiGLU experts.
+
+SwiGLU (Shazeer 2020): ``down(silu(gate(x)) * up(x))``.
+
+MoE (Switch / GShard style): a linear router gives ``p = softmax(router(x))`` over
+``E`` experts; each token goes to its ``top_k`` experts, whose outputs are summed
+with the top-k probabilities renormalised to sum to one. The load-balancing loss
+(Switch Transformer, eq. 4, generalised to top-k) is
+
+    aux = E * sum_e f_e * P_e,
+
+``f_e`` the fraction of the ``N * top_k`` token-to-expert assignments that go to
+``e`` (not differentiable) and ``P_e`` the mean router probability of ``e``
+(differentiable). It is 1 for perfectly uniform routing and grows as routing
+collapses onto few experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoE(nn.Module):
+    """``forward(x [..., dim]) -> (y [..., dim], aux_loss scalar)``.
+
+    Expert weights are stacked (``gate``/``up``: ``[E, dim, hidden]``, ``down``:
+    ``[E, hidden, dim]``); tokens are gathered per expert, so the compute is
+    ``top_k`` SwiGLUs per token (dropless: no capacity limit).
+    """
+
+    def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.gate = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.up = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.down = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        for p in (self.gate, self.up, self.down):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                  # [N, dim]
+        logits = self.router(x)
+        probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)   # [N, E], >= fp32
+        top_p, top_e = probs.topk(self.top_k, dim=-1)                 # [N, k]
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            tok, slot = torch.where(top_e == e)                       # assignments to expert e
+            if tok.numel() == 0:
+                continue
+            h = x[tok]
+            h = (F.silu(h @ self.gate[e]) * (h @ self.up[e])) @ self.down[e]
+            y.index_add_(0, tok, (h * top_p[tok, slot, None]).to(y.dtype))
+        # load balancing: f_e from the hard assignments, P_e from the soft probabilities
+        f = torch.bincount(top_e.flatten(), minlength=self.n_experts).to(probs.dtype) / top_e.numel()
+        aux = self.n_experts * (f * probs.mean(0)).sum()
+        return y.reshape(shape), aux

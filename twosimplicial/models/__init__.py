@@ -1,0 +1,5 @@
+"""Language models built from dot-product and 2-simplicial attention layers."""
+from .config import PRESETS, ModelConfig
+from .transformer import TwoSimplicialLM, count_parameters
+
+__all__ = ["ModelConfig", "PRESETS", "TwoSimplicialLM", "count_parameters"]
