@@ -1,0 +1,160 @@
+"""Device script for the Triton backward (twosimplicial/ops/triton_bwd.py): check, then time variants.
+
+    PYTHONPATH=. python3 benchmarks/bench_bwd_variants.py --out $OUT/bwd.json [--quick]
+
+1. Correctness on a reduced problem: bf16/fp16/fp32 gradients vs float64 autograd through the
+   memory-bounded torch path (``chunked``), relative errors; determinism (bitwise reruns).
+2. Timing (bf16, the issue's ``gqa64`` and ``mha`` shapes, (w1, w2) = (512, 32)): the backward
+   per tile configuration, per-kernel times from the profiler, and cuDNN SDPA backward
+   FLOP-matched (q length S, kv length w1 * w2) in the same run. FLOPs: SPEC §4, 2.5 * 4 * D
+   per valid triple.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+from twosimplicial.ops.triton_bwd import two_simplicial_bwd
+
+
+def n_triples(S, w1, w2):
+    i = torch.arange(S, dtype=torch.float64)
+    return float((torch.clamp(i + 1, max=w1) * torch.clamp(i + 1, max=w2)).sum())
+
+
+def inputs(B, S, Hq, Hkv, D, Dv, dtype, seed=0, mult=1.0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=g, device="cuda", dtype=torch.float32) * mult).to(dtype)
+    return mk(B, S, Hq, D), mk(B, S, Hkv, D), mk(B, S, Hkv, Dv), mk(B, S, Hkv, D), mk(B, S, Hkv, Dv), mk(B, S, Hq, Dv)
+
+
+def fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale):
+    try:
+        from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+        return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, False)
+    except Exception as e:  # the forward helper's kernel may be mid-edit: fall back to torch
+        print("triton fwd unavailable:", repr(e)[:200])
+        from twosimplicial.ops.chunked import chunked_two_simplicial_attention
+        out, lse = chunked_two_simplicial_attention(*(x.float() for x in (q, k1, v1, k2, v2)), w1, w2, scale)
+        return out.to(q.dtype), lse.float()
+
+
+def check(rows, B, S, Hq, Hkv, D, Dv, w1, w2, dtype, mult=1.0, triton_fwd=False):
+    """Gradients vs float64 autograd; out/lse from the float64 path, or from the Triton
+    forward (``triton_fwd``: the pairing used in training)."""
+    from twosimplicial.ops.chunked import chunked_two_simplicial_attention
+    q, k1, v1, k2, v2, do = inputs(B, S, Hq, Hkv, D, Dv, dtype, seed=S + Hq + D, mult=mult)
+    scale = 1.0 / math.sqrt(D)
+    xs = [x.double().requires_grad_() for x in (q, k1, v1, k2, v2)]
+    out, lse = chunked_two_simplicial_attention(*xs, w1, w2, scale)
+    ref = torch.autograd.grad(out, xs, do.double())
+    out, lse = out.detach().to(dtype), lse.detach().float()
+    if triton_fwd:
+        out, lse = fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale)
+    args = (do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, False)
+    g1 = two_simplicial_bwd(*args)
+    g2 = two_simplicial_bwd(*args)
+    errs = [((a.double() - r).norm() / r.norm()).item() for a, r in zip(g1, ref)]
+    det = all(torch.equal(a, b) for a, b in zip(g1, g2))
+    finite = all(bool(torch.isfinite(a).all()) for a in g1)
+    row = dict(kind="check", shape=[B, S, Hq, Hkv, D, Dv, w1, w2], dtype=str(dtype), mult=mult, triton_fwd=triton_fwd,
+               rel_err=dict(zip(["dq", "dk1", "dv1", "dk2", "dv2"], errs)), deterministic=det, finite=finite)
+    rows.append(row)
+    print(f"check {row['shape']} {dtype} x{mult} fwd={'triton' if triton_fwd else 'f64'}: " + " ".join(f"{e:.1e}" for e in errs), "det", det, "finite", finite,
+          flush=True)
+
+
+def kernel_times(fn):
+    from torch.profiler import profile, ProfilerActivity
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    t = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA":
+            name = e.key[:40]
+            t[name] = t.get(name, 0.0) + e.device_time_total / 1e3
+    return {k: round(v, 3) for k, v in sorted(t.items(), key=lambda kv: -kv[1])[:6]}
+
+
+def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
+    dtype = torch.bfloat16
+    q, k1, v1, k2, v2, do = inputs(B, S, Hq, Hkv, D, D, dtype)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale)
+    flops = 2.5 * 4 * D * n_triples(S, w1, w2) * B * Hq
+    for cname, cfg in configs:
+        fn = lambda: two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, False, config=cfg)
+        try:
+            ms = triton.testing.do_bench(fn, warmup=100, rep=600, return_mode="median")
+            kt = kernel_times(fn)
+        except Exception as e:
+            print(name, cname, "FAILED", repr(e)[:300], flush=True)
+            continue
+        rows.append(dict(kind="time", case=name, impl=f"twosimplicial[{cname}]", bwd_ms=ms,
+                         bwd_tflops=flops / ms / 1e9, kernels=kt))
+        print(f"{name:8s} {cname:28s} {ms:9.2f} ms {flops / ms / 1e9:7.1f} TFLOP/s {kt}", flush=True)
+    # cuDNN SDPA backward, FLOP-matched: q length S, kv length w1 * w2, same heads and D
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    L = w1 * w2
+    qq = torch.randn(B, Hq, S, D, device="cuda", dtype=dtype, requires_grad=True)
+    kk = torch.randn(B, Hq, L, D, device="cuda", dtype=dtype, requires_grad=True)
+    vv = torch.randn(B, Hq, L, D, device="cuda", dtype=dtype, requires_grad=True)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv)
+        g = torch.randn_like(o)
+        fn = lambda: torch.autograd.grad(o, (qq, kk, vv), g, retain_graph=True)
+        ms = triton.testing.do_bench(fn, warmup=100, rep=600, return_mode="median")
+    sflops = 2.5 * 4 * D * S * L * B * Hq
+    rows.append(dict(kind="time", case=name, impl="sdpa-cudnn", bwd_ms=ms, bwd_tflops=sflops / ms / 1e9))
+    print(f"{name:8s} {'sdpa-cudnn':28s} {ms:9.2f} ms {sflops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bwd.json")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--configs", default="default")
+    a = ap.parse_args()
+    rows = []
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    # ceilings: bf16 matmul
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: x @ x, return_mode="median")
+    print(f"bf16 matmul 8192^3: {2 * 8192 ** 3 / ms / 1e9:.0f} TFLOP/s", flush=True)
+    rows.append(dict(kind="ceiling", matmul_tflops=2 * 8192 ** 3 / ms / 1e9))
+    del x
+    check(rows, 1, 1000, 4, 4, 64, 64, 256, 32, torch.bfloat16)
+    check(rows, 1, 777, 8, 1, 128, 128, 512, 32, torch.bfloat16)
+    check(rows, 1, 2048, 4, 2, 128, 128, 512, 32, torch.bfloat16, mult=30.0, triton_fwd=True)
+    check(rows, 1, 2048, 4, 2, 128, 128, 512, 32, torch.bfloat16, triton_fwd=True)
+    # keys kernel: KBI positions x KBH heads x KBT offsets rows against KBN keys
+    def sweep(kbh_all):
+        v = {
+            "default": None,
+            "dqsum": dict(DQ_SUM=True),
+            "k32rows": dict(KBI=1, KBH=1, KBT=32),
+            "k-n32": dict(KBN=32),
+            "k-n128": dict(KBN=128),
+            "k128rows-n32": dict(KBI=4 // kbh_all, KBH=kbh_all, KBT=32, KBN=32),
+            "k-w4": dict(k_warps=4),
+        }
+        if a.configs == "final":   # rows kernel: 64-row tiles against 128 keys
+            v = {"default": None, "rows64-n128": dict(BI=2 // kbh_all, BH=kbh_all, BT=32, BN=128)}
+        return list(v.items()) if a.configs in ("sweep", "final") else [("default", None)]
+    if not a.quick:
+        time_case(rows, "gqa64", 2, 8192, 64, 1, 128, 512, 32, sweep(4 if a.configs == "sweep" else 2))
+        time_case(rows, "mha", 1, 8192, 16, 16, 128, 512, 32, sweep(1))
+    with open(a.out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
