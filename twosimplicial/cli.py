@@ -1,0 +1,121 @@
+"""Command line: ``twosimplicial {demo,train,eval,generate}``.
+
+    twosimplicial demo                                  # Match3: dot-product vs 2-simplicial, CPU, minutes
+    twosimplicial train configs/cpu_smoke.toml [--set train.max_steps=50] [--resume]
+    torchrun --nproc_per_node 2 -m twosimplicial.cli train configs/gpu_simplicial.toml
+    twosimplicial eval runs/cpu_smoke [--out eval.json]
+    twosimplicial generate runs/cpu_smoke --prompt "def fib(n):" --max-new-tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _train(args) -> int:
+    from .train import load_config, train
+    cfg = load_config(args.config, args.set)
+    if args.out_dir:
+        cfg["run"]["out_dir"] = args.out_dir
+    summary = train(cfg, resume=args.resume)
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({k: summary[k] for k in ("step", "train_loss", "tokens_per_s", "run_dir")}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_run
+    res = evaluate_run(args.run_dir, out=args.out, device=args.device, max_tokens=args.max_tokens,
+                       math_problems_n=args.math_problems, match3_batches=args.match3_batches,
+                       humaneval=not args.no_humaneval)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .generate import generate
+    from .train import load_model
+    from .data import load_tokenizer
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_model(args.run_dir, device)
+    if cfg["data"]["task"] != "lm":
+        raise SystemExit(f"{args.run_dir} is a {cfg['data']['task']!r} run: generate needs a language model")
+    tok = load_tokenizer(f"{cfg['corpus_dir']}/tokenizer.json")
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise SystemExit("--prompt must not be empty")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   use_cache=not args.no_cache, generator=g)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    run_demo(size=args.size, out_dir=args.out_dir, steps=args.steps, device=args.device, seed=args.seed,
+             form=args.form)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twosimplicial", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="Match3: a dot-product and a 2-simplicial model of equal size, trained and compared")
+    d.add_argument("--size", default="cpu", choices=["cpu", "gpu", "gpu-large"],
+                   help="cpu: a few minutes on 2 cores; gpu / gpu-large: longer sequences, larger models")
+    d.add_argument("--out-dir", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None, help="training steps per model (default: by size)")
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--form", default="trilinear", choices=["trilinear", "determinant"],
+                   help="form of the 2-simplicial layer")
+    d.set_defaults(fn=_demo)
+
+    t = sub.add_parser("train", help="train from a TOML config")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config entry (repeatable), e.g. --set train.lr=1e-3")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--out-dir", default=None, help="shortcut for --set run.out_dir=...")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="evaluate a run directory's latest checkpoint (JSON)")
+    e.add_argument("run_dir")
+    e.add_argument("--out", default=None, help="JSON path (default: <run_dir>/eval.json)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--max-tokens", type=int, default=200_000, help="held-out code tokens to score")
+    e.add_argument("--math-problems", type=int, default=200)
+    e.add_argument("--match3-batches", type=int, default=20)
+    e.add_argument("--no-humaneval", action="store_true")
+    e.set_defaults(fn=_eval)
+
+    g = sub.add_parser("generate", help="sample a continuation from a trained language model")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.set_defaults(fn=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""Training loop: one process, or many under ``torchrun`` (DDP, or FSDP2 with ``fully_shard``).
+
+    twosimplicial train configs/cpu_smoke.toml --set train.max_steps=50 [--resume]
+
+A config is TOML with four tables, merged over ``DEFAULTS`` (``--set section.key=value``
+overrides one entry; the value is parsed as TOML, else taken as a string):
+
+- ``[run]``: ``out_dir``, ``seed``, ``device`` ("auto" | "cpu" | "cuda");
+- ``[model]``: ``preset`` plus any ``ModelConfig`` field; ``vocab_size``, ``output_size`` and
+  ``max_seq_len`` are filled in from the data;
+- ``[data]``: ``DataConfig`` (``twosimplicial.data.datasets``);
+- ``[train]``: ``TrainConfig`` below.
+
+Optimiser and schedule: AdamW; the learning rate warms up linearly over
+``warmup_steps`` and then follows a cosine from the peak ``lr`` down to
+``min_lr_ratio * lr`` at ``max_steps``. The paper (Roy et al. 2025) used peak 4e-3,
+weight decay 0.0125, 4000 warm-up steps and decay to 1% of the peak; those are the
+defaults here except the warm-up, which a short run must scale down (configs set it).
+Weight decay applies to matrices (embeddings included), not to norm gains.
+
+Output directory: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object a
+line: ``{"kind": "train", step, loss, lr, tokens, tokens_per_s, time}`` and ``{"kind":
+"eval", step, <source>: {loss, ...}}``), ``tb/`` (TensorBoard, when installed),
+``checkpoints/step-XXXXXXX/`` (``model.safetensors``, ``state.pt`` with optimiser,
+scheduler, data-position and counters, ``rng-<rank>.pt`` per process) and
+``checkpoints/latest`` naming the newest complete one (written last, atomically).
+
+Resuming restores all of that and truncates ``metrics.jsonl`` to the checkpoint's step,
+so a run killed and resumed logs the same loss curve as one that was never stopped
+(bit for bit on CPU; tested).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import DataConfig, make_data, prepare_corpus
+from .models import ModelConfig, TwoSimplicialLM, count_parameters
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    grad_accum: int = 1
+    lr: float = 4e-3                 # paper's peak
+    min_lr_ratio: float = 0.01       # paper: cosine decay to 1% of the peak
+    warmup_steps: int = 4000         # paper's; scale down for short runs
+    weight_decay: float = 0.0125     # paper's
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # 0: off
+    dtype: str = "bf16"              # autocast dtype on GPU ("bf16" | "fp32"); CPU runs in fp32
+    compile: bool = False
+    distributed: str = "ddp"         # "ddp" | "fsdp" (FSDP2 fully_shard), used under torchrun
+    log_interval: int = 10
+    eval_interval: int = 200         # 0: only at the end
+    eval_batches: int = 20
+    ckpt_interval: int = 500         # 0: only at the end
+    keep_checkpoints: int = 2
+    stop_at_step: int = 0            # stop (as if killed) after this step; 0: run to max_steps
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_interval", "eval_batches", "keep_checkpoints"):
+            _pos_int(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "eval_interval", "ckpt_interval", "stop_at_step"):
+            _pos_int(f"train.{name}", getattr(self, name), 0)
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"train.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+
+
+DEFAULTS = {
+    "run": {"out_dir": "runs/default", "seed": 0, "device": "auto"},
+    "model": {"preset": "tiny"},
+    "data": {},
+    "train": {},
+}
+
+
+def _pos_int(name, v, minimum):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+
+# --------------------------------------------------------------------------- config
+def parse_value(text: str):
+    """``--set`` values: TOML when it parses (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"s"``), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: dict, sets: list[str]) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or parts[0] not in DEFAULTS:
+            raise ValueError(f"--set key must start with one of {sorted(DEFAULTS)}, got {key!r}")
+        node = cfg
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parse_value(value.strip())
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = None) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        with open(path, "rb") as f:
+            user = tomllib.load(f)
+        unknown = set(user) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"{path}: unknown tables {sorted(unknown)}; expected {sorted(DEFAULTS)}")
+        for k, v in user.items():
+            cfg[k].update(v)
+    return apply_overrides(cfg, sets or [])
+
+
+def train_config(cfg: dict) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(cfg["train"]) - names
+    if unknown:
+        raise ValueError(f"unknown [train] keys {sorted(unknown)}; known: {sorted(names)}")
+    t = TrainConfig(**cfg["train"])
+    t.validate()
+    return t
+
+
+def model_config(cfg: dict, vocab_size: int, output_size: int | None, seq_len: int) -> ModelConfig:
+    m = dict(cfg["model"])
+    preset = m.pop("preset", None)
+    m["vocab_size"] = vocab_size
+    if output_size is not None:
+        m["output_size"] = output_size
+        m.setdefault("tie_embeddings", output_size == vocab_size)
+    mc = ModelConfig.from_preset(preset, **m) if preset else ModelConfig(**m)
+    if mc.max_seq_len < seq_len:
+        mc = ModelConfig(**{**mc.to_dict(), "max_seq_len": seq_len})
+    return mc
+
+
+def lr_lambda(step: int, t: TrainConfig) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up to 1 over
+    ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``max_steps``."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if device_pref not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"run.device must be 'auto', 'cpu' or 'cuda', got {device_pref!r}")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("run.device='cuda' but CUDA is not available")
+    if world == 1:
+        return Dist(), torch.device("cuda" if use_cuda else "cpu")
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+    if not dist.is_initialized():
+        if use_cuda:
+            dist.init_process_group("nccl", device_id=torch.device(f"cuda:{d.local_rank}"))
+        else:
+            dist.init_process_group("gloo")
+    return d, torch.device(f"cuda:{d.local_rank}" if use_cuda else "cpu")
+
+
+def _barrier(d: Dist):
+    if d.world_size > 1:
+        dist.barrier()
+
+
+def _mean_across(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world_size
+    return x
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _full_state(model, optimizer, fsdp: bool):
+    """Full (unsharded) model and optimiser state dicts with plain FQN keys."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def _load_full_state(model, optimizer, msd, osd, fsdp: bool):
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(msd)
+        optimizer.load_state_dict(osd)
+
+
+def _rng_state(device) -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def _set_rng_state(s: dict, device) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, loader, counters: dict,
+                    d: Dist, device, fsdp: bool, keep: int) -> Path:
+    ckdir = run_dir / "checkpoints"
+    path = ckdir / f"step-{step:07d}"
+    msd, osd = _full_state(model, optimizer, fsdp)
+    if d.main:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        # clone: safetensors refuses tensors that share memory (a tied head); both names are kept
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in msd.items()},
+                  str(path / "model.safetensors"), metadata={"step": str(step)})
+        torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                    "step": step, **counters}, path / "state.pt")
+    _barrier(d)
+    torch.save(_rng_state(device), path / f"rng-{d.rank}.pt")
+    _barrier(d)
+    if d.main:
+        tmp = ckdir / "latest.tmp"
+        tmp.write_text(path.name)
+        os.replace(tmp, ckdir / "latest")                 # the checkpoint counts once this lands
+        old = sorted(p for p in ckdir.glob("step-*") if p.is_dir() and p != path)
+        for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p)
+    _barrier(d)
+    return path
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    f = Path(run_dir) / "checkpoints" / "latest"
+    if not f.is_file():
+        return None
+    p = f.parent / f.read_text().strip()
+    return p if (p / "state.pt").is_file() else None
+
+
+def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[TwoSimplicialLM, dict]:
+    """The model of a run directory at its latest checkpoint, in eval mode, and the run's config."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    model = TwoSimplicialLM(ModelConfig.from_dict(cfg["model_resolved"]))
+    model.load_state_dict(load_file(str(ck / "model.safetensors")))
+    return model.to(device).eval(), cfg
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_batches(model, batches, device, amp) -> dict:
+    """Token-weighted NLL (nats) over ``batches`` (MoE aux loss excluded), and accuracy
+    (argmax == target) for classification heads; targets of -100 are ignored."""
+    nll, n, correct = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with amp:
+            logits, _ = model(x)
+        logits = logits.float()
+        mask = y != -100
+        nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        correct += ((logits.argmax(-1) == y) & mask).sum().item()
+        n += mask.sum().item()
+    return {"loss": nll / max(n, 1), "accuracy": correct / max(n, 1), "tokens": n}
+
+
+def _autocast(device, t: TrainConfig):
+    if device.type == "cuda" and t.dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- the loop
+def _param_groups(model, weight_decay):
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: dict, resume: bool = False) -> dict:
+    """Run (or resume) the training described by ``cfg`` (see ``load_config``); returns a summary."""
+    t = train_config(cfg)
+    data_cfg = DataConfig.from_dict(dict(cfg["data"]))
+    seed = cfg["run"]["seed"]
+    d, device = init_distributed(cfg["run"]["device"])
+    run_dir = Path(cfg["run"]["out_dir"])
+    fsdp = d.world_size > 1 and t.distributed == "fsdp"
+
+    ck = latest_checkpoint(run_dir)
+    if ck is not None and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another run.out_dir")
+    if d.main:
+        prepare_corpus(data_cfg, progress=t.progress)    # build the corpus once, before the other ranks read it
+    _barrier(d)
+    data = make_data(data_cfg, seed=seed, rank=d.rank, world_size=d.world_size, progress=False)
+    mcfg = model_config(cfg, data.vocab_size, data.output_size, data_cfg.seq_len)
+
+    torch.manual_seed(seed)                               # same init on every rank
+    model = TwoSimplicialLM(mcfg).to(device)
+    params = count_parameters(mcfg)
+    raw = model
+    if t.compile:
+        model.compile()
+    if d.world_size > 1:
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for blk in model.blocks:
+                fully_shard(blk)
+            fully_shard(model)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(_param_groups(raw, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=t.eps, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, t))
+    amp = _autocast(device, t)
+
+    step, tokens, elapsed = 0, 0, 0.0
+    metrics_path = run_dir / "metrics.jsonl"
+    if ck is not None:
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+        msd = load_file(str(ck / "model.safetensors"))
+        _load_full_state(raw, optimizer, msd, state["optimizer"], fsdp)
+        scheduler.load_state_dict(state["scheduler"])
+        data.train.load_state_dict(state["loader"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        rng_file = ck / f"rng-{d.rank}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), device)
+        if d.main:
+            _truncate_metrics(metrics_path, step)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {**cfg, "data": asdict(data_cfg), "train": asdict(t), "model_resolved": mcfg.to_dict(),
+                    "parameters": params, "world_size": d.world_size}
+        if data.corpus is not None:
+            resolved["corpus_dir"] = str(data.corpus.dir)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    _barrier(d)
+
+    tb = None
+    if d.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            pass
+    metrics = open(metrics_path, "a") if d.main else None
+
+    def log(rec: dict):
+        if not d.main:
+            return
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+        if tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    tb.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
+                elif isinstance(v, dict):
+                    for kk, vv in v.items():
+                        tb.add_scalar(f"eval/{k}/{kk}", vv, rec["step"])
+
+    def run_eval():
+        model.eval()
+        res = {name: evaluate_batches(model, data.val_batches(name, t.eval_batches, data_cfg.batch_size), device, amp)
+               for name in data.val_sources}
+        model.train()
+        log({"kind": "eval", "step": step, **res})
+        return res
+
+    tokens_per_step = data_cfg.batch_size * data_cfg.seq_len * t.grad_accum * d.world_size
+    stop = min(t.max_steps, t.stop_at_step or t.max_steps)
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not (d.main and t.progress), dynamic_ncols=True)
+    model.train()
+    interval_loss = torch.zeros((), device=device)
+    interval_steps, interval_t0 = 0, time.perf_counter()
+    last_eval, last_loss = None, float("nan")
+    while step < stop:
+        t0 = time.perf_counter()
+        for micro in range(t.grad_accum):
+            x, y = data.train.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            last = micro == t.grad_accum - 1
+            sync = contextlib.nullcontext()
+            if d.world_size > 1 and not last:
+                if fsdp:
+                    model.set_requires_gradient_sync(False)
+                else:
+                    sync = model.no_sync()
+            elif fsdp:
+                model.set_requires_gradient_sync(True)
+            with sync, amp:
+                _, loss = model(x, y)
+            (loss / t.grad_accum).backward()
+            interval_loss += loss.detach() / t.grad_accum
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        interval_steps += 1
+        elapsed += time.perf_counter() - t0
+        bar.update(1)
+        if step % t.log_interval == 0 or step == stop:
+            mean_loss = _mean_across(interval_loss / interval_steps, d).item()
+            now = time.perf_counter()
+            tps = interval_steps * tokens_per_step / (now - interval_t0)
+            last_loss = mean_loss
+            log({"kind": "train", "step": step, "loss": mean_loss, "lr": lr, "tokens": tokens,
+                 "tokens_per_s": tps, "time": elapsed})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
+            interval_loss.zero_()
+            interval_steps, interval_t0 = 0, time.perf_counter()
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
+            last_eval = run_eval()
+            interval_t0 = time.perf_counter()
+        if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == t.max_steps:
+            save_checkpoint(run_dir, step, raw, optimizer, scheduler, data.train,
+                            {"tokens": tokens, "elapsed": elapsed}, d, device, fsdp, t.keep_checkpoints)
+            interval_t0 = time.perf_counter()
+    bar.close()
+    if step == t.max_steps:
+        last_eval = run_eval()
+    if metrics is not None:
+        metrics.close()
+    if tb is not None:
+        tb.close()
+    summary = {"step": step, "tokens": tokens, "train_loss": last_loss, "eval": last_eval,
+               "tokens_per_s": tokens / elapsed if elapsed else None, "train_time_s": elapsed,
+               "parameters": params, "run_dir": str(run_dir), "world_size": d.world_size}
+    if d.main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
