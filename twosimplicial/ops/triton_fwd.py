@@ -34,8 +34,10 @@ written to memory but ``out`` and ``lse`` (no split buffers, no atomics: determi
 Key blocks are anchored at the right edge ``hi = i0 + P`` of the tile and walk left:
 block ``k`` covers ``[hi - (k+1) BLOCK_N, hi - k BLOCK_N)``. Block 0 holds the causal edge
 (``j <= i``) and is masked; blocks ``1 <= k < (hi - max(0, hi - wb)) // BLOCK_N`` lie inside
-every row's window and run without a mask; the rest (the left edge of the window, at most
-one or two blocks) are masked again.
+every row's window and run without a mask; what is left (the left edge of the window: the
+``P - 1`` keys that only some positions of the tile see, or the sequence start) runs masked
+in narrow blocks of ``BLOCK_N2`` keys, so a tile with ``wb`` a multiple of ``BLOCK_N``
+computes ``wb + BLOCK_N2`` keys per row rather than ``wb + BLOCK_N``.
 
 Numerics: fp32 accumulation; masked logits are -inf but the running max starts at a finite
 -1e30, so a row that sees only masked keys gets ``p = 2^-inf = 0`` rather than NaN, and
@@ -53,6 +55,13 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
+# Row reductions go through tl.reduce with triton's own combine functions instead of
+# tl.max / tl.sum: those are @triton.jit helpers decorated when triton was imported, and
+# the interpreter cannot call them if TRITON_INTERPRET=1 was set only afterwards (as the
+# tests do), while it recognises these combine functions and reduces with numpy.
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
 
 def _two_simplicial_fwd_kernel(
     q_ptr, ks_ptr, vs_ptr, kb_ptr, vb_ptr, out_ptr, lse_ptr,
@@ -65,9 +74,11 @@ def _two_simplicial_fwd_kernel(
     stride_lb, stride_lh,
     S, HKV, GKV, N_HBLK, WS, WB, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, P: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, P: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
+    DOT_PREC: tl.constexpr, ONE_CHUNK: tl.constexpr, PREFETCH_VS: tl.constexpr, INT64_IDX: tl.constexpr,
 ):
+    EVEN_D: tl.constexpr = D == BLOCK_D
+    EVEN_DV: tl.constexpr = DV == BLOCK_DV
     BLOCK_M: tl.constexpr = P * G * T
     NQ: tl.constexpr = P * G                       # distinct queries (position, head) per tile
     pid = tl.program_id(0)
@@ -77,6 +88,8 @@ def _two_simplicial_fwd_kernel(
     b = (pid_bh // HKV).to(tl.int64)
     hk = pid_bh % HKV
     i0 = pblk * P
+    if INT64_IDX:                                  # position * stride may pass 2^31 (huge S * H * D)
+        i0 = i0.to(tl.int64)
 
     # ---- virtual rows r = ((p*G)+g)*T + t -------------------------------------------------
     r = tl.arange(0, BLOCK_M)
@@ -92,8 +105,7 @@ def _two_simplicial_fwd_kernel(
     d_ok = d < D
     dv_ok = dv < DV
 
-    q_rows = tl.load(q_ptr + b * stride_qb + i_r[:, None] * stride_qs + h_r[:, None] * stride_qh + d[None, :],
-                     mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q_row_ptr = q_ptr + b * stride_qb + i_r[:, None] * stride_qs + h_r[:, None] * stride_qh + d[None, :]
     ks_base = ks_ptr + b * stride_ksb + hk * stride_ksh
     vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
     kb_base = kb_ptr + b * stride_kbb + hk * stride_kbh
@@ -101,76 +113,87 @@ def _two_simplicial_fwd_kernel(
 
     # ---- key blocks of the big window, anchored at hi = i0 + P -----------------------------
     hi = i0 + P
-    lo = tl.maximum(hi - P - WB + 1, 0)            # first key any row of the tile needs
-    n_blk = tl.cdiv(hi - lo, BLOCK_N)
-    full_lo = tl.maximum(hi - WB, 0)               # keys >= full_lo (and < hi - BLOCK_N) are in every window
+    lo = tl.maximum(i0 - WB + 1, 0)                # first key any row of the tile needs
+    full_lo = tl.maximum(hi - WB, 0)               # keys in [full_lo, i0] are in every row's window
     n_full = (hi - full_lo) // BLOCK_N             # blocks 1 .. n_full-1 need no mask
-    n_rest = tl.maximum(n_full, 1)
+    n_main = tl.maximum(n_full, 1)
+    tail_hi = hi - n_main * BLOCK_N                # keys [lo, tail_hi) are left for the masked tail
+    n_tail = (tl.maximum(tail_hi - lo, 0) + BLOCK_N2 - 1) // BLOCK_N2
 
     # running merge (2) per query, in base 2
     M_q = tl.full([NQ], -1.0e30, tl.float32)
-    L_q = tl.zeros([NQ], tl.float32)
-    O_q = tl.zeros([NQ, BLOCK_DV], tl.float32)
+    L_q = tl.full([NQ], 0.0, tl.float32)
+    O_q = tl.full([NQ, BLOCK_DV], 0.0, tl.float32)
 
-    n_chunk = tl.cdiv(tl.minimum(WS, hi), T)       # offsets t > i never exist
+    if ONE_CHUNK:                                  # ws <= T: a constant trip count lets the compiler
+        n_chunk = 1                                # drop the chunk loop (and its registers) entirely
+    else:
+        n_chunk = (tl.minimum(WS, hi) + T - 1) // T  # offsets t > i never exist
     for c in range(0, n_chunk):
         t_r = c * T + t_loc
         l_r = i_r - t_r                            # small-window key position
         row_ok = q_ok & (t_r < WS) & (l_r >= 0)
+        # q is re-read per chunk (from cache) rather than kept live: fewer registers in the hot loop
+        q_rows = tl.load(q_row_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         ks_rows = tl.load(ks_base + l_r[:, None] * stride_kss + d[None, :],
                           mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         # (1): virtual query, with scale * log2(e) folded in so the softmax runs on exp2
         z = (q_rows * ks_rows * qk_scale).to(kb_ptr.dtype.element_ty)
 
+        vs_row_ptr = vs_base + l_r[:, None] * stride_vss + dv[None, :]
+        if PREFETCH_VS:                            # issue the v_s rows now: their latency hides behind the loop
+            vs_rows = tl.load(vs_row_ptr, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        # stage 0: block 0 (causal edge, masked); stage 1: interior (no mask); stage 2: left edge (masked)
-        for stage in tl.static_range(3):
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
+        # main loop: blocks k = 0 .. n_main-1, [hi - (k+1) BLOCK_N, hi - k BLOCK_N). Block 0 holds
+        # the causal edge and is masked; blocks 1 .. n_full-1 lie in every row's window (no mask).
+        # Key indices are clamped into [0, S) for the loads; the mask removes what they repeat.
+        # tail loop: the left edge [lo, tail_hi) in narrow blocks of BLOCK_N2 keys (usually one,
+        # holding the P - 1 keys that only some positions of the tile see), masked.
+        for stage in tl.static_range(2):
             if stage == 0:
-                k_start = 0
-                k_end = 1
-            elif stage == 1:
-                k_start = 1
-                k_end = n_full
+                k_end = n_main
             else:
-                k_start = n_rest
-                k_end = n_blk
-            for kb_i in range(k_start, k_end):
-                j = hi - (kb_i + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-                if stage == 1:
-                    k_blk = tl.load(kb_base + j[:, None] * stride_kbs + d[None, :], mask=d_ok[None, :], other=0.0)
-                    v_blk = tl.load(vb_base + j[:, None] * stride_vbs + dv[None, :], mask=dv_ok[None, :], other=0.0)
+                k_end = n_tail
+            for kb_i in range(0, k_end):
+                if stage == 0:
+                    j = hi - (kb_i + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
                 else:
-                    j_ok = (j >= 0) & (j < S)
-                    k_blk = tl.load(kb_base + j[:, None] * stride_kbs + d[None, :],
-                                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-                    v_blk = tl.load(vb_base + j[:, None] * stride_vbs + dv[None, :],
-                                    mask=j_ok[:, None] & dv_ok[None, :], other=0.0)
+                    j = tail_hi - (kb_i + 1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+                j_ld = tl.minimum(tl.maximum(j, 0), S - 1)
+                if EVEN_D:
+                    k_blk = tl.load(kb_base + j_ld[:, None] * stride_kbs + d[None, :])
+                else:
+                    k_blk = tl.load(kb_base + j_ld[:, None] * stride_kbs + d[None, :], mask=d_ok[None, :], other=0.0)
+                if EVEN_DV:
+                    v_blk = tl.load(vb_base + j_ld[:, None] * stride_vbs + dv[None, :])
+                else:
+                    v_blk = tl.load(vb_base + j_ld[:, None] * stride_vbs + dv[None, :], mask=dv_ok[None, :], other=0.0)
                 # s[r, j] = <z_r, k_b[j]> = logit * log2(e)
                 s = tl.dot(z, tl.trans(k_blk), input_precision=DOT_PREC)
-                if stage != 1:
+                if stage == 1 or kb_i == 0:
                     in_win = (j[None, :] <= i_r[:, None]) & (j[None, :] > i_r[:, None] - WB) & (j[None, :] >= 0)
                     s = tl.where(in_win, s, float("-inf"))
                 # online softmax (base 2): m' = max(m, max_j s); acc = acc 2^(m-m') + 2^(s-m') v_b
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
                 alpha = tl.math.exp2(m_i - m_new)
                 p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
+                l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v_blk.dtype), v_blk, input_precision=DOT_PREC)
                 m_i = m_new
 
         # (2) for this chunk: y_r = v_s[l_r] * acc_r, merged over the T offsets of each query
-        vs_rows = tl.load(vs_base + l_r[:, None] * stride_vss + dv[None, :],
-                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        if not PREFETCH_VS:
+            vs_rows = tl.load(vs_row_ptr, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         y = tl.where(row_ok[:, None], acc * vs_rows, 0.0)
         m_r = tl.where(row_ok, m_i, -1.0e30)
         l_r_sum = tl.where(row_ok, l_i, 0.0)
         m3 = tl.reshape(m_r, [NQ, T])
-        m_c = tl.max(m3, 1)                                    # max over the chunk's offsets
+        m_c = tl.reduce(m3, 1, _MAX)                          # max over the chunk's offsets
         a3 = tl.math.exp2(m3 - m_c[:, None])
-        L_c = tl.sum(a3 * tl.reshape(l_r_sum, [NQ, T]), 1)
-        O_c = tl.sum(tl.reshape(y, [NQ, T, BLOCK_DV]) * a3[:, :, None], 1)
+        L_c = tl.reduce(a3 * tl.reshape(l_r_sum, [NQ, T]), 1, _SUM)
+        O_c = tl.reduce(tl.reshape(y, [NQ, T, BLOCK_DV]) * a3[:, :, None], 1, _SUM)
         # fold into the running merge across chunks
         M_new = tl.maximum(M_q, m_c)
         a_old = tl.math.exp2(M_q - M_new)
@@ -195,7 +218,9 @@ def _two_simplicial_fwd_kernel(
 
 # The kernel is jitted lazily, once per mode, so that TRITON_INTERPRET=1 set after this
 # module was imported (e.g. by a test fixture) still selects the interpreter: triton
-# decides between compiled and interpreted at decoration time.
+# decides between compiled and interpreted at decoration time. For the same reason the
+# kernel calls no @triton.jit helpers of triton.language.standard (tl.cdiv, tl.zeros,
+# tl.max, tl.sum); see _MAX / _SUM above.
 _KERNELS: dict[bool, object] = {}
 
 
@@ -214,26 +239,39 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def fwd_config(S: int, gkv: int, ws: int, wb: int, D: int, Dv: int, interpret: bool) -> dict:
-    """Tile shape for the kernel: rows ``BLOCK_M = P*G*T`` packed as positions x heads x offsets.
-
-    T (offsets per tile) takes as much of the small window as fits, then G takes heads of the
-    kv group, then P takes positions. Tuned on an H100 (benchmarks/NOTES.md); the interpreter
-    gets tiny tiles because it is slow.
-    """
-    if interpret:
-        block_m, block_n, warps, stages = 16, 16, 1, 1
-    else:
-        block_m = 128
-        block_n = 64 if max(D, Dv) > 64 else 128
-        if max(D, Dv) > 128:
-            block_m, block_n = 64, 32
-        warps, stages = 8, 2
+def pack_rows(block_m: int, gkv: int, ws: int) -> tuple[int, int, int]:
+    """Split ``block_m`` rows into ``(P, G, T)``: T (offsets per tile) takes as much of the
+    small window as fits, then G takes query heads of the kv group, then P positions."""
     T = min(_pow2(ws), block_m)
     G = min(_pow2(gkv), block_m // T)
-    P = block_m // (T * G)
-    block_n = max(block_n, P)                      # the masking scheme needs P <= BLOCK_N
-    return dict(BLOCK_N=block_n, P=P, G=G, T=T, num_warps=warps, num_stages=stages)
+    return block_m // (T * G), G, T
+
+
+def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int | None = None,
+               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+               maxnreg: int | None = None, prefetch_vs: bool | None = None, int64_idx: bool = False) -> dict:
+    """Launch configuration. Defaults measured on an H100 (benchmarks/NOTES.md): 64 rows and 4
+    warps (one warpgroup) beat 128 rows and 8 warps by ~20%, because two such programs fit on an
+    SM and overlap one's softmax with the other's matrix products. A small window wider than the
+    tile (ws > T) makes the kernel loop over offset chunks, which costs registers (spills), so
+    tiles grow to 128 rows to hold up to 128 offsets at once. The interpreter gets tiny tiles."""
+    if interpret:
+        dflt = (16, 16, 1, 1)
+    elif max(D, Dv) > 128:
+        dflt = (64, 32, 4, 2)
+    elif ws > 64:
+        dflt = (128, 64, 8, 3)
+    else:
+        dflt = (64, 64, 4, 3)
+    block_m = block_m or dflt[0]
+    P, G, T = pack_rows(block_m, gkv, ws)
+    block_n = max(block_n or dflt[1], P)           # the masking scheme needs P <= BLOCK_N
+    cfg = dict(BLOCK_N=block_n, P=P, G=G, T=T, num_warps=num_warps or dflt[2], num_stages=num_stages or dflt[3],
+               prefetch_vs=bool(prefetch_vs) if prefetch_vs is not None else (not interpret and max(D, Dv) <= 128),
+               int64_idx=int64_idx)
+    if maxnreg:
+        cfg["maxnreg"] = maxnreg
+    return cfg
 
 
 def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None):
@@ -242,7 +280,8 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2 ``[B, S, Hkv, Dv]`` (any strides;
     a non-unit last stride is made contiguous). Returns ``(out [B, S, Hq, Dv] in q.dtype,
     lse [B, Hq, S] float32)``. fp32 inputs use tf32 tensor cores only when ``allow_tf32``.
-    ``config`` overrides :func:`fwd_config` (for tuning).
+    ``config`` (keys of :func:`fwd_config`: block_m, block_n, num_warps, num_stages)
+    overrides the default launch configuration, for tuning.
     """
     B, S, Hq, D = q.shape
     Hkv = k1.shape[2]
@@ -260,7 +299,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         return out, lse
     gkv = Hq // Hkv
     interpret = _interpret()
-    cfg = dict(config) if config is not None else fwd_config(S, gkv, ws, wb, D, Dv, interpret)
+    cfg = fwd_config(gkv, ws, D, Dv, interpret, **(config or {}))
     P, G = cfg["P"], cfg["G"]
     n_hblk = triton.cdiv(gkv, G)
     grid = (triton.cdiv(S, P) * n_hblk, B * Hkv)
@@ -279,7 +318,10 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         lse.stride(0), lse.stride(1),
         S, Hkv, gkv, n_hblk, ws, wb, float(scale) * LOG2E,
         D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)),
-        BLOCK_N=cfg["BLOCK_N"], P=P, G=G, T=cfg["T"], DOT_PREC=prec,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_N2=min(cfg["BLOCK_N"], max(16, _pow2(P - 1))),
+        P=P, G=G, T=cfg["T"], DOT_PREC=prec, ONE_CHUNK=ws <= cfg["T"], PREFETCH_VS=cfg["prefetch_vs"],
+        INT64_IDX=cfg["int64_idx"] or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
     )
     return out, lse

@@ -50,13 +50,15 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, 
     except ImportError as e:                              # the backward kernels live in their own module
         raise NotImplementedError("the Triton backward (twosimplicial.ops.triton_bwd) is not available; "
                                   "use backend='torch' for gradients") from e
-    return two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32)
+    grads = two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32)
+    # the fake promises contiguous gradients (inductor asserts the strides); the kernels may
+    # hand back gathered views
+    return tuple(g.contiguous() for g in grads)
 
 
 @_bwd.register_fake
 def _bwd_fake(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32):
-    return (torch.empty_like(q), torch.empty_like(k1), torch.empty_like(v1),
-            torch.empty_like(k2), torch.empty_like(v2))
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k1, v1, k2, v2))
 
 
 def _setup_context(ctx, inputs, output):
