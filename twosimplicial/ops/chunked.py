@@ -15,7 +15,8 @@ window is larger takes the big role. With the virtual query ``z[i, t] = q_i * k_
 
 For a chunk of ``C`` queries the big windows together span ``C + wb - 1`` consecutive
 positions, so each chunk is a handful of large GEMMs against that contiguous slice, with
-a band mask (``(C + wb - 1) / wb`` times the useful work; C is kept near ``wb / 4``).
+a band mask (``(C + wb - 1) / wb`` times the useful work; C is kept near ``wb / 4``;
+positions before 0 are left out of the slice).
 Only the small windows (``ws`` rows) are gathered, and their gradients are scattered
 back with ``F.fold`` (overlap-add), which is deterministic.
 """
@@ -64,19 +65,21 @@ def _overlap_add(x: torch.Tensor, out: torch.Tensor, c0: int) -> None:
 class _Chunk:
     """Queries ``[c0, c1)``: small windows, the big-window slice, virtual queries, logits.
 
-    Big-window key ``r`` of the slice is position ``c0 - wb + 1 + r``; query ``c0 + c``
-    sees ``r`` in ``[c, c + wb)``. Small-window entry ``e`` is position ``c0 + c + e - ws + 1``.
+    The big-window slice holds positions ``[p0, c1)`` with ``p0 = max(0, c0 - wb + 1)``:
+    ``R <= C + wb - 1`` keys. Small-window entry ``e`` of query ``c0 + c`` is position
+    ``c0 + c + e - ws + 1`` (the small windows are gathered from a front-padded copy).
     """
 
-    def __init__(self, q, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale, masks):
-        C, R = c1 - c0, c1 - c0 + wb - 1
+    def __init__(self, q, ksp, vsp, kb, vb, ws, wb, c0, c1, scale, masks):
+        C = c1 - c0
+        self.p0 = max(0, c0 - wb + 1)
         self.ks = ksp[:, :, c0 : c1 + ws - 1].unfold(2, ws, 1).transpose(-1, -2)   # [B, H, C, ws, D]
         self.vs = vsp[:, :, c0 : c1 + ws - 1].unfold(2, ws, 1).transpose(-1, -2)   # [B, H, C, ws, Dv]
-        self.kb = kbp[:, :, c0 : c0 + R]                                            # [B, H, R, D]
-        self.vb = vbp[:, :, c0 : c0 + R]                                            # [B, H, R, Dv]
+        self.kb = kb[:, :, self.p0 : c1]                                            # [B, H, R, D]
+        self.vb = vb[:, :, self.p0 : c1]                                            # [B, H, R, Dv]
         self.q = q[:, :, c0:c1]                                                     # [B, H, C, G, D]
         B, H, _, G, D = self.q.shape
-        self.shape = (B, H, C, G, ws, R)
+        self.shape = (B, H, C, G, ws, c1 - self.p0)
         # virtual queries z[i, g, t] = q[i, g] * k_s[i - t], as rows of one matrix
         self.z = (self.q[:, :, :, :, None, :] * self.ks[:, :, :, None]).reshape(B, H, C * G * ws, D)
         logits = torch.matmul(self.z, self.kb.transpose(-1, -2)).mul_(scale).view(self.shape)
@@ -87,16 +90,18 @@ class _Chunk:
 
 
 def _invalid(C: int, ws: int, wb: int, c0: int, device) -> torch.Tensor:
-    """``[C, 1, ws or 1, R]`` True where (query c0+c, small entry e, big key r) is not a
-    valid triple: r outside ``[c, c + wb)``, or either key before position 0."""
-    R = C + wb - 1
-    c = torch.arange(C, device=device)[:, None]
-    r = torch.arange(R, device=device)[None, :]
-    bad = (r < c) | (r >= c + wb) | (r < wb - 1 - c0)                    # [C, R]
+    """``[C, 1, ws or 1, R]`` True where (query ``c0 + c``, small entry ``e``, big key ``r``)
+    is not a valid triple. Big key ``r`` is position ``p0 + r`` with ``p0 = max(0, c0 - wb + 1)``;
+    query ``i`` sees ``i - wb < p <= i``; small entries before position 0 are invalid."""
+    p0 = max(0, c0 - wb + 1)
+    R = c0 + C - p0
+    i = c0 + torch.arange(C, device=device)[:, None]
+    p = p0 + torch.arange(R, device=device)[None, :]
+    bad = (p > i) | (p <= i - wb)                                        # [C, R]
     bad = bad[:, None, None, :]
     if c0 < ws - 1:                                                      # small window before position 0
         e = torch.arange(ws, device=device)[None, :]
-        bad = bad | (c0 + c + e - (ws - 1) < 0)[:, None, :, None]
+        bad = bad | (i + e - (ws - 1) < 0)[:, None, :, None]
     return bad
 
 
@@ -109,9 +114,9 @@ def _prepare(q, k1, v1, k2, v2, w1, w2):
     ks, vs, ws, kb, vb, wb = (k2, v2, w2, k1, v1, w1) if small_is_k2 else (k1, v1, w1, k2, v2, w2)
     qh = _heads_first(q, dt).view(B, Hkv, Hq // Hkv, S, D).transpose(2, 3)   # [B, Hkv, S, G, D]
     ksp, vsp = _padded(_heads_first(ks, dt), ws), _padded(_heads_first(vs, dt), ws)
-    kbp, vbp = _padded(_heads_first(kb, dt), wb), _padded(_heads_first(vb, dt), wb)
+    kb, vb = _heads_first(kb, dt), _heads_first(vb, dt)
     chunk = _chunk_size(S, B * Hq, ws, wb)
-    return qh, ksp, vsp, kbp, vbp, ws, wb, small_is_k2, chunk
+    return qh, ksp, vsp, kb, vb, ws, wb, small_is_k2, chunk
 
 
 def chunked_forward(q, k1, v1, k2, v2, w1, w2, scale):
@@ -119,14 +124,14 @@ def chunked_forward(q, k1, v1, k2, v2, w1, w2, scale):
     (float64 for float64 inputs) so that the backward recomputes P exactly."""
     B, S, Hq, _ = q.shape
     Hkv, Dv = v1.shape[2], v1.shape[3]
-    qh, ksp, vsp, kbp, vbp, ws, wb, _, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
+    qh, ksp, vsp, kb, vb, ws, wb, _, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
     G = Hq // Hkv
     out = torch.empty(B, Hkv, S, G, Dv, dtype=qh.dtype, device=q.device)
     lse = torch.empty(B, Hkv, S, G, dtype=qh.dtype, device=q.device)
     masks = {}
     for c0 in range(0, S, chunk):
         c1 = min(S, c0 + chunk)
-        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale, masks)
+        ch = _Chunk(qh, ksp, vsp, kb, vb, ws, wb, c0, c1, scale, masks)
         flat = ch.logits.flatten(-2)                                  # one softmax over the pair (t, j)
         m = flat.logsumexp(-1)                                        # [B, H, C, G]
         P = flat.sub_(m[..., None]).exp_()                            # in place: logits are not needed again
@@ -142,7 +147,7 @@ def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
     """Gradients ``(dq, dk1, dv1, dk2, dv2)`` by SPEC §2, recomputing P chunk by chunk."""
     B, S, Hq, D = q.shape
     Hkv, Dv = v1.shape[2], v1.shape[3]
-    qh, ksp, vsp, kbp, vbp, ws, wb, small_is_k2, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
+    qh, ksp, vsp, kb, vb, ws, wb, small_is_k2, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
     dt, G = qh.dtype, Hq // Hkv
     doh = _heads_first(do, dt).view(B, Hkv, G, S, Dv).transpose(2, 3)         # [B, Hkv, S, G, Dv]
     oh = _heads_first(out, dt).view(B, Hkv, G, S, Dv).transpose(2, 3)
@@ -150,11 +155,11 @@ def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
     lseh = lse.to(dt).view(B, Hkv, G, S).transpose(2, 3)                       # [B, Hkv, S, G]
     dq = torch.empty_like(qh)
     dksp, dvsp = torch.zeros_like(ksp), torch.zeros_like(vsp)
-    dkbp, dvbp = torch.zeros_like(kbp), torch.zeros_like(vbp)
+    dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
     masks = {}
     for c0 in range(0, S, chunk):
         c1 = min(S, c0 + chunk)
-        ch = _Chunk(qh, ksp, vsp, kbp, vbp, ws, wb, c0, c1, scale, masks)
+        ch = _Chunk(qh, ksp, vsp, kb, vb, ws, wb, c0, c1, scale, masks)
         _, _, C, _, _, R = ch.shape
         P = ch.logits.sub_(lseh[:, :, c0:c1, :, None, None]).exp_()           # [B, H, C, G, ws, R]
         Pm = P.view(B, Hkv, -1, R)                                            # rows = virtual queries
@@ -162,7 +167,7 @@ def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
         # virtual output gradient dO'[i, g, t] = dO[i, g] * v_s[i - t]
         dOv = (dO[:, :, :, :, None] * ch.vs[:, :, :, None]).reshape(B, Hkv, -1, Dv)
         # dv_b[j] = sum_{i,g,t} P[i,g,t,j] dO'[i,g,t]
-        dvbp[:, :, c0 : c0 + R] += torch.matmul(Pm.transpose(-1, -2), dOv)
+        dvb[:, :, ch.p0 : c1] += torch.matmul(Pm.transpose(-1, -2), dOv)
         # dv_s[l] = sum_{i,g} dO[i,g] * (P @ v_b)[i,g,t]
         Y = torch.matmul(Pm, ch.vb).view(B, Hkv, C, G, ws, Dv)
         _overlap_add((Y * dO[:, :, :, :, None]).sum(3), dvsp, c0)
@@ -170,7 +175,7 @@ def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
         dP = torch.matmul(dOv, ch.vb.transpose(-1, -2)).view_as(P)
         dS = P.mul_(dP.sub_(delta[:, :, c0:c1, :, None, None])).view(B, Hkv, -1, R)   # reuses P's storage
         # dk_b[j] = scale * sum_{i,g,t} dS[i,g,t,j] z[i,g,t]
-        dkbp[:, :, c0 : c0 + R] += torch.matmul(dS.transpose(-1, -2), ch.z).mul_(scale)
+        dkb[:, :, ch.p0 : c1] += torch.matmul(dS.transpose(-1, -2), ch.z).mul_(scale)
         # T[i,g,t] = sum_j dS[i,g,t,j] k_b[j]; dq_i = scale sum_t T * k_s[i-t]; dk_s[l] = scale sum_g T * q_i
         T = torch.matmul(dS, ch.kb).view(B, Hkv, C, G, ws, D)
         dq[:, :, c0:c1] = (T * ch.ks[:, :, :, None]).sum(-2) * scale
@@ -181,7 +186,7 @@ def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
 
     dq = dq.transpose(2, 3).reshape(B, Hq, S, D).transpose(1, 2).to(q.dtype)
     dks, dvs = unpad(dksp, ws, k1), unpad(dvsp, ws, v1)
-    dkb, dvb = unpad(dkbp, wb, k1), unpad(dvbp, wb, v1)
+    dkb, dvb = dkb.transpose(1, 2).to(k1.dtype), dvb.transpose(1, 2).to(v1.dtype)
     if small_is_k2:
         return dq, dkb, dvb, dks, dvs
     return dq, dks, dvs, dkb, dvb
