@@ -18,7 +18,7 @@ positions, so each chunk is a handful of large GEMMs against that contiguous sli
 a band mask (``(C + wb - 1) / wb`` times the useful work; C is kept near ``wb / 4``;
 positions before 0 are left out of the slice).
 Only the small windows (``ws`` rows) are gathered, and their gradients are scattered
-back with ``F.fold`` (overlap-add), which is deterministic.
+back by overlap-add, in a fixed order, so the path is deterministic.
 """
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def _chunk_size(S: int, per_row: int, ws: int, wb: int) -> int:
 
 def _overlap_add(x: torch.Tensor, out: torch.Tensor, c0: int) -> None:
     """Add small-window rows ``x [B, H, C, w, X]`` (entry ``e`` of query ``c0 + c`` is
-    padded index ``c0 + c + e``) into ``out [B, H, S + w - 1, X]``."""
-    B, H, C, w, X = x.shape
-    cols = x.permute(0, 1, 4, 3, 2).reshape(B * H, X * w, C)        # fold wants [N, X*w, L]
-    summed = F.fold(cols, output_size=(C + w - 1, 1), kernel_size=(w, 1))
-    out[:, :, c0 : c0 + C + w - 1] += summed.view(B, H, X, C + w - 1).transpose(-1, -2)
+    padded index ``c0 + c + e``) into ``out [B, H, S + w - 1, X]``: one shifted add per
+    window entry (``w`` is the small window), in a fixed order, so deterministic."""
+    C = x.shape[2]
+    for e in range(x.shape[3]):
+        out[:, :, c0 + e : c0 + e + C] += x[:, :, :, e]
 
 
 class _Chunk:

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks, in one call (the device keeps nothing between calls):
+#   1. the GPU test suite (pytest -m gpu),
+#   2. the kernel benchmark (benchmarks/bench_kernels.py -> JSON + PNG),
+#   3. tokens/s of a dot-product and a 2-simplicial LM of the same size (configs/gpu_*.toml,
+#      short runs), and the 2-simplicial one again under torch.compile.
+# Usage on the device: OUT=/some/dir bash benchmarks/device_run.sh [tests|bench|train ...]
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TWOSIMPLICIAL_CACHE=/tmp/ts-cache
+OUT=${OUT:-/tmp/ts-out}
+mkdir -p "$OUT"
+steps=${STEPS:-80}
+parts=${*:-tests bench train}
+python3 - <<'PY' | tee "$OUT/env.txt"
+import torch, triton
+from twosimplicial.ops.interface import _pick_backend
+x = torch.empty(1, device="cuda", dtype=torch.bfloat16)
+print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+      f"auto backend for bf16 CUDA: {_pick_backend('auto', x)}")
+PY
+for part in $parts; do
+  case $part in
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    bench) python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+    train)
+      common=(--set train.max_steps=$steps --set train.eval_interval=100000 --set train.ckpt_interval=100000
+              --set train.log_interval=10 --set train.progress=false --set data.code_max_bytes=30000000
+              --set data.tokenizer_sample_bytes=4000000 --set data.math_problems=5000)
+      for run in "dot configs/gpu_dot.toml" "simplicial configs/gpu_simplicial.toml" \
+                 "simplicial-compiled configs/gpu_simplicial.toml --set train.compile=true"; do
+        set -- $run
+        name=$1; shift
+        python3 -m twosimplicial.cli train "$@" --set run.out_dir=/tmp/ts-runs/$name "${common[@]}" \
+          > "$OUT/train-$name.log" 2>&1 || { echo "train $name FAILED"; tail -20 "$OUT/train-$name.log"; }
+      done
+      python3 - "$OUT" <<'PY'
+import json, statistics, sys
+from twosimplicial.models import ModelConfig, count_parameters
+rows = {}
+for name in ("dot", "simplicial", "simplicial-compiled"):
+    try:
+        lines = [json.loads(l) for l in open(f"/tmp/ts-runs/{name}/metrics.jsonl")]
+    except OSError:
+        continue
+    tr = [l for l in lines if l["kind"] == "train"]
+    steady = [l["tokens_per_s"] for l in tr[len(tr) // 2:]]            # second half: past compile/warm-up
+    rows[name] = {"tokens_per_s_median": statistics.median(steady), "first_loss": tr[0]["loss"], "last_loss": tr[-1]["loss"]}
+    print(f"{name:22s} {rows[name]['tokens_per_s_median']:>12,.0f} tok/s  loss {tr[0]['loss']:.3f} -> {tr[-1]['loss']:.3f}")
+json.dump(rows, open(f"{sys.argv[1]}/train-throughput.json", "w"), indent=1)
+PY
+      ;;
+  esac
+done
