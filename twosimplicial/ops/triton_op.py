@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from .triton_bwd import two_simplicial_bwd
 from .triton_fwd import two_simplicial_fwd
 
 
@@ -45,11 +46,6 @@ def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32):
 def _bwd(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor,
          v2: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, w1: int, w2: int, scale: float,
          allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    try:
-        from .triton_bwd import two_simplicial_bwd
-    except ImportError as e:                              # the backward kernels live in their own module
-        raise NotImplementedError("the Triton backward (twosimplicial.ops.triton_bwd) is not available; "
-                                  "use backend='torch' for gradients") from e
     grads = two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32)
     # the fake promises contiguous gradients (inductor asserts the strides); the kernels may
     # hand back gathered views
@@ -94,9 +90,9 @@ def triton_two_simplicial(q, k1, v1, k2, v2, w1: int, w2: int, scale: float):
 
 
 def is_available(t: torch.Tensor) -> bool:
-    """True when the kernels can run on ``t``'s device: CUDA with triton importable, or CPU
-    under the Triton interpreter (``TRITON_INTERPRET=1``). (This module imports only when
-    triton does: ``interface`` treats an ImportError as "no Triton backend".)"""
+    """True when the kernels can run on ``t``'s device: CUDA, or CPU under the Triton
+    interpreter (``TRITON_INTERPRET=1``). ``interface`` imports this module only where the
+    ``triton`` package is installed."""
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
