@@ -20,7 +20,7 @@ NAMES = ("q", "k1", "v1", "k2", "v2")
 
 @st.composite
 def problems(draw):
-    S = draw(st.integers(1, 48))
+    S = draw(st.integers(1, 64))
     Hkv = draw(st.integers(1, 2))
     G = draw(st.sampled_from([1, 2, 3]))                                 # MHA, GQA; Hkv=1 gives MQA
     window = st.one_of(st.just(1), st.integers(1, 8), st.integers(S, S + 20))
