@@ -1,6 +1,11 @@
 """Device script for the Triton backward (twosimplicial/ops/triton_bwd.py): check, then time variants.
 
-    PYTHONPATH=. python3 benchmarks/bench_bwd_variants.py --out $OUT/bwd.json [--quick]
+    PYTHONPATH=. python3 benchmarks/bench_bwd_variants.py --out $OUT/bwd.json [--quick] [--no-checks]
+        [--variants '{"gqa64": [["v6", null], ["n32", {"BN": 32}], ["old", {"module": "path/to/old.py"}]],
+                      "mha": [...]}']
+
+``--variants`` times named tile configurations (keys of ``_config``), or another copy of
+triton_bwd.py (``module``, a file carried to the device) for A/B comparisons in one run.
 
 1. Correctness on a reduced problem: bf16/fp16/fp32 gradients vs float64 autograd through the
    memory-bounded torch path (``chunked``), relative errors; determinism (bitwise reruns).
@@ -68,6 +73,14 @@ def check(rows, B, S, Hq, Hkv, D, Dv, w1, w2, dtype, mult=1.0, triton_fwd=False)
           flush=True)
 
 
+def load_module(path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").replace(".", "_"), path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def kernel_times(fn):
     from torch.profiler import profile, ProfilerActivity
     fn()
@@ -90,7 +103,12 @@ def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
     out, lse = fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale)
     flops = 2.5 * 4 * D * n_triples(S, w1, w2) * B * Hq
     for cname, cfg in configs:
-        fn = lambda: two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, False, config=cfg)
+        bwd = two_simplicial_bwd
+        if cfg and "module" in cfg:   # another version of triton_bwd.py (a file path), for A/B runs
+            cfg = dict(cfg)
+            bwd = load_module(cfg.pop("module")).two_simplicial_bwd
+            cfg = cfg or None
+        fn = lambda: bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, False, config=cfg)
         try:
             ms = triton.testing.do_bench(fn, warmup=100, rep=600, return_mode="median")
             kt = kernel_times(fn)
@@ -120,7 +138,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bwd.json")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-checks", action="store_true", help="timing only (the GPU tests check)")
     ap.add_argument("--configs", default="default")
+    ap.add_argument("--variants", default=None,
+                    help='JSON {"gqa64": [[name, cfg], ...], "mha": [...]}; cfg may name a "module" file')
     a = ap.parse_args()
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -130,10 +151,11 @@ def main():
     print(f"bf16 matmul 8192^3: {2 * 8192 ** 3 / ms / 1e9:.0f} TFLOP/s", flush=True)
     rows.append(dict(kind="ceiling", matmul_tflops=2 * 8192 ** 3 / ms / 1e9))
     del x
-    check(rows, 1, 1000, 4, 4, 64, 64, 256, 32, torch.bfloat16)
-    check(rows, 1, 777, 8, 1, 128, 128, 512, 32, torch.bfloat16)
-    check(rows, 1, 2048, 4, 2, 128, 128, 512, 32, torch.bfloat16, mult=30.0, triton_fwd=True)
-    check(rows, 1, 2048, 4, 2, 128, 128, 512, 32, torch.bfloat16, triton_fwd=True)
+    checks = not a.no_checks
+    checks and check(rows, 1, 1000, 4, 4, 64, 64, 256, 32, torch.bfloat16)
+    checks and check(rows, 1, 777, 8, 1, 128, 128, 512, 32, torch.bfloat16)
+    checks and check(rows, 1, 2048, 4, 2, 128, 128, 512, 32, torch.bfloat16, mult=30.0, triton_fwd=True)
+    checks and check(rows, 1, 2048, 4, 2, 128, 128, 512, 32, torch.bfloat16, triton_fwd=True)
     # keys kernel: KBI positions x KBH heads x KBT offsets rows against KBN keys
     def sweep(kbh_all):
         v = {
@@ -148,9 +170,10 @@ def main():
         if a.configs == "final":   # rows kernel: 64-row tiles against 128 keys
             v = {"default": None, "rows64-n128": dict(BI=2 // kbh_all, BH=kbh_all, BT=32, BN=128)}
         return list(v.items()) if a.configs in ("sweep", "final") else [("default", None)]
+    var = json.loads(a.variants) if a.variants else None
     if not a.quick:
-        time_case(rows, "gqa64", 2, 8192, 64, 1, 128, 512, 32, sweep(4 if a.configs == "sweep" else 2))
-        time_case(rows, "mha", 1, 8192, 16, 16, 128, 512, 32, sweep(1))
+        time_case(rows, "gqa64", 2, 8192, 64, 1, 128, 512, 32, var["gqa64"] if var else sweep(4 if a.configs == "sweep" else 2))
+        time_case(rows, "mha", 1, 8192, 16, 16, 128, 512, 32, var["mha"] if var else sweep(1))
     with open(a.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                        rows=rows), f, indent=1)

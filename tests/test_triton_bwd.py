@@ -77,7 +77,9 @@ def _naive(q, k1, v1, k2, v2, w1, w2, scale):
 
 # (B, S, Hq, Hkv, D, Dv, w1, w2): MHA, GQA (non-power-of-2 group), MQA, D = 48, D != Dv,
 # odd windows and lengths, S = 1, windows past S, equal windows, w = 1, a small window
-# longer than one offset tile (16 on the interpreter), either window the small one
+# longer than one offset tile (16 on the interpreter), either window the small one, a big
+# window spanning several key blocks with several positions per tile (unmasked interior
+# blocks next to masked edges in both kernels)
 CASES = [
     (1, 7, 2, 2, 16, 16, 3, 2),
     (2, 13, 4, 1, 48, 16, 4, 3),
@@ -87,6 +89,7 @@ CASES = [
     (1, 10, 2, 1, 16, 16, 4, 4),
     (1, 12, 2, 2, 16, 16, 1, 7),
     (1, 37, 1, 1, 16, 16, 30, 19),
+    (1, 50, 2, 2, 16, 16, 3, 40),
 ]
 
 

@@ -24,7 +24,8 @@ Two kernels, each the only writer of what it owns, so the result is deterministi
 
 - ``_bwd_big_keys``: one program per (block of BN big-window keys, batch, kv head); it walks every
   virtual row that sees its keys (all query heads of the group, all offsets) and keeps dk_b, dv_b
-  in registers: 4 matrix products per (row, key).
+  in registers: 4 matrix products per (row, key). Its row tiles (position x offset chunk) form
+  one flat loop, so Triton pipelines the next tile's loads under the current tile's products.
 - ``_bwd_rows``: one program per (super-block of NB query positions, batch, block of BH query
   heads); it walks its rows in tiles of BI positions x BH heads x BT offsets, runs each tile over
   its big window (4 matrix products per (row, key): logits, dP, dz, acc), then writes dq_i whole
@@ -32,6 +33,10 @@ Two kernels, each the only writer of what it owns, so the result is deterministi
   A tile's rows reach BI + BT - 1 small keys; the skewed sum ``sum_{i - t = l}`` is a product
   with a 0/1 matrix. The partial slices of neighbouring programs overlap by ws - 1 keys and the
   head blocks of a group all touch the same keys: torch adds them afterwards, in a fixed order.
+
+In both kernels only (tile, key block) pairs on a window's edge compute the window mask; pairs
+wholly inside every row's window run unmasked (separate loops, ``MASK`` constexpr): rows outside
+the problem (past S, l < 0, padding heads) load q = dO = 0 and lse = +inf, so P = dS = 0 there.
 
 Extra memory: Delta ``[B, Hq, S]`` and the partial buffers, about
 ``(1 + (ws - 1) / NB) * B * S * Hq / BH * (D + Dv)`` fp32 values: O(B * S * H * D).
@@ -42,7 +47,9 @@ op level), else IEEE fp32 products. scale * log2(e) is folded into z so the kern
 its argument is clamped at 0 (P <= 1), so no input overflows it. z = q * k_s is rounded to the
 input dtype for the tensor cores, as in the forward: with bf16 inputs and logits of size ~1e4
 (inputs x30) that moves logits by ~10, so P (forward and backward alike) is only roughly right
-there, though finite. fp16: P and dS are rounded to fp16 for the products (as in
+there, though finite. The rows kernel's 0/1-matrix sums run in bf16 on the GPU: one product
+(each term rounded to bf16, like z) for bf16 inputs, hi + lo parts (~16 bits) for fp16/fp32.
+fp16: P and dS are rounded to fp16 for the products (as in
 FlashAttention), so gradients past fp16's range overflow. Measured errors and speed: benchmarks/NOTES.md, "Backward".
 
 Deterministic: same inputs give bitwise the same gradients (no atomics; every sum has a fixed
@@ -51,12 +58,61 @@ said when this module was imported).
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, jvalid, r,
+               sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+               S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
+               BH: tl.constexpr, BT: tl.constexpr, MASK: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One row tile (positions i0 + p, heads h0 + hh, offsets t0 + tt; r = (p, hh, tt), offset
+    fastest) against the program's key block: dk_b += dS^T z, dv_b += P^T dO'. MASK: keys
+    outside a row's window are skipped; without it every key must be in every row's window."""
+    tt = r % BT
+    hh = (r // BT) % BH
+    ii = i0 + r // (BT * BH)
+    hq = g * G + h0 + hh
+    t = t0 + tt
+    l = ii - t
+    rvalid = ((h0 + hh) < G) & (ii < S) & (t < WS) & (l >= 0)
+    q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
+                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
+                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
+                 mask=rvalid[:, None] & emask[None, :], other=0.0)
+    vs = tl.load(VS + b * svsb + l[:, None] * svss + g * svsh + ee[None, :],
+                 mask=rvalid[:, None] & emask[None, :], other=0.0)
+    # rows outside the problem: lse = inf gives P = 0 there
+    lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
+    dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
+    # z = q_i * k_s[l] * scale * log2(e) (logits in log2 units); dO' = dO_i * v_s[l]
+    z = (q.to(tl.float32) * ks.to(tl.float32) * qk_scale).to(kb.dtype)
+    dop = (do.to(tl.float32) * vs.to(tl.float32)).to(kb.dtype)
+    # S^T = k_b z^T;  P^T = exp2(S^T - Lse_i log2 e), zero outside the windows
+    # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
+    sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
+    pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))
+    if MASK:
+        valid = (rvalid[None, :] & jvalid[:, None] & (jj[:, None] <= ii[None, :])
+                 & (jj[:, None] > ii[None, :] - WB))
+        pT = tl.where(valid, pT, 0.0)
+    # dP^T = v_b dO'^T;  dS^T = P^T * (dP^T - Delta_i)
+    dpT = tl.dot(vb, tl.trans(dop), input_precision=PRECISION)
+    dsT = pT * (dpT - dlt[None, :])
+    # dv_b += P^T dO';  dk_b += dS^T z
+    dv += tl.dot(pT.to(kb.dtype), dop, input_precision=PRECISION)
+    dk += tl.dot(dsT.to(kb.dtype), z, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -93,43 +149,32 @@ def _bwd_big_keys(
 
     # virtual row r of a tile = (position p, head hh, offset tt), offset fastest
     r = tl.arange(0, BI * BH * BT)
-    tt = r % BT
-    hh = (r // BT) % BH
-    pp = r // (BT * BH)
     i_hi = tl.minimum(S, j0 + BN - 1 + WB)
+    # Tiles m = 0 .. m_end - 1 of positions i0 = j0 + m BI, each with n_t chunks of offsets,
+    # walked as one flat loop per range (the innermost loop is the one Triton pipelines).
+    # Tiles m in [m_a, m_c) see every key of the block at every position (i0 >= j0 + BN - 1
+    # and i0 + BI - 1 - wb < j0): they run unmasked (rows outside the problem have z = dO' = 0
+    # and lse = inf, so P = dS = 0 there; keys past S are never stored).
+    n_t = (WS + BT - 1) // BT
+    m_end = (i_hi - j0 + BI - 1) // BI
+    m_a = tl.minimum((BN - 1 + BI - 1) // BI, m_end)
+    m_c = tl.maximum(tl.minimum(WB // BI, m_end), m_a)
     for h0 in range(0, G, BH):
-        hq = g * G + h0 + hh
-        for i0 in range(j0, i_hi, BI):
-            ii = i0 + pp
-            for t0 in range(0, WS, BT):
-                t = t0 + tt
-                l = ii - t
-                rvalid = ((h0 + hh) < G) & (ii < S) & (t < WS) & (l >= 0)
-                q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
-                            mask=rvalid[:, None] & dmask[None, :], other=0.0)
-                ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
-                             mask=rvalid[:, None] & dmask[None, :], other=0.0)
-                do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
-                             mask=rvalid[:, None] & emask[None, :], other=0.0)
-                vs = tl.load(VS + b * svsb + l[:, None] * svss + g * svsh + ee[None, :],
-                             mask=rvalid[:, None] & emask[None, :], other=0.0)
-                lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0) * 1.4426950408889634
-                dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
-                # z = q_i * k_s[l] * scale * log2(e) (logits in log2 units); dO' = dO_i * v_s[l]
-                z = (q.to(tl.float32) * ks.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)
-                dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
-                # S^T = k_b z^T;  P^T = exp2(S^T - Lse_i log2 e), zero outside the windows
-                # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
-                sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
-                valid = (rvalid[None, :] & jvalid[:, None] & (jj[:, None] <= ii[None, :])
-                         & (jj[:, None] > ii[None, :] - WB))
-                pT = tl.where(valid, tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0)), 0.0)
-                # dP^T = v_b dO'^T;  dS^T = P^T * (dP^T - Delta_i)
-                dpT = tl.dot(vb, tl.trans(dop), input_precision=PRECISION)
-                dsT = pT * (dpT - dlt[None, :])
-                # dv_b += P^T dO';  dk_b += dS^T z
-                dv += tl.dot(pT.to(Q.dtype.element_ty), dop, input_precision=PRECISION)
-                dk += tl.dot(dsT.to(Q.dtype.element_ty), z, input_precision=PRECISION)
+        for it in range(0, m_a * n_t):
+            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
+                                (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
+                                svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
+                                BH, BT, True, PRECISION)
+        for it in range(m_a * n_t, m_c * n_t):
+            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
+                                (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
+                                svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
+                                BH, BT, False, PRECISION)
+        for it in range(m_c * n_t, m_end * n_t):
+            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
+                                (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
+                                svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
+                                BH, BT, True, PRECISION)
 
     # dk_b = scale * sum dS z_unscaled = scale / (scale * log2 e) * sum dS z = ln2 * dk
     dk = dk * dk_scale
@@ -137,6 +182,40 @@ def _bwd_big_keys(
              dk.to(DKB.dtype.element_ty), mask=jvalid[:, None] & dmask[None, :])
     tl.store(DVB + b * sdvb + jj[:, None] * sdvs + g * sdvh + ee[None, :],
              dv.to(DVB.dtype.element_ty), mask=jvalid[:, None] & emask[None, :])
+
+
+@triton.jit
+def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
+                j0, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                BN: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block [j0, j0 + BN) of a row tile: dz += dS k_b (unscaled), acc += P v_b.
+    MASK: keys outside [0, S) or outside a row's window are skipped; without it every key
+    of the block must be in every row's window."""
+    jj = j0 + tl.arange(0, BN)
+    if MASK:
+        jin = (jj >= 0) & (jj < S)
+        kb = tl.load(KB + b * skbb + jj[:, None] * skbs + g * skbh + dd[None, :],
+                     mask=jin[:, None] & dmask[None, :], other=0.0)
+        vb = tl.load(VB + b * svbb + jj[:, None] * svbs + g * svbh + ee[None, :],
+                     mask=jin[:, None] & emask[None, :], other=0.0)
+    else:
+        kb = tl.load(KB + b * skbb + jj[:, None] * skbs + g * skbh + dd[None, :], mask=dmask[None, :], other=0.0)
+        vb = tl.load(VB + b * svbb + jj[:, None] * svbs + g * svbh + ee[None, :], mask=emask[None, :], other=0.0)
+    # P = exp2(z k_b^T - Lse_i log2 e) inside both windows, else 0
+    # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
+    s = tl.dot(z, tl.trans(kb), input_precision=PRECISION)
+    p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+    if MASK:
+        valid = (rvalid[:, None] & (jj[None, :] >= 0) & (jj[None, :] <= ii[:, None])
+                 & (jj[None, :] > ii[:, None] - WB))
+        p = tl.where(valid, p, 0.0)
+    # dP = dO' v_b^T;  dS = P * (dP - Delta_i)
+    dp = tl.dot(dop, tl.trans(vb), input_precision=PRECISION)
+    ds = p * (dp - dlt[:, None])
+    # dz += dS k_b (scale applied by the caller);  acc += P v_b
+    dz += tl.dot(ds.to(z.dtype), kb, input_precision=PRECISION)
+    acc += tl.dot(p.to(z.dtype), vb, input_precision=PRECISION)
+    return dz, acc
 
 
 @triton.jit
@@ -148,7 +227,7 @@ def _bwd_rows(
     S, HQ, HKV, G, NHB, NP, NB, WS, WB, qk_scale, scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, LB: tl.constexpr, QB: tl.constexpr,
-    PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, DQ_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr, DQ_SUM: tl.constexpr,
 ):
     """dq for positions [I0, I0 + NB) and heads of one head block; dk_s, dv_s partial sums."""
     pid_p = tl.program_id(0)
@@ -172,12 +251,10 @@ def _bwd_rows(
     hvalid = (h0 + hh) < G
     # dq rows of a tile: (position, head) = r // BT, QB of them (padded to 16 for tl.dot)
     rq = tl.arange(0, QB)
-    onehot_q = rq[:, None] == (r // BT)[None, :]                                 # [QB, BM]
     hq_q = g * G + h0 + rq % BH
     hvalid_q = ((h0 + rq % BH) < G) & (rq < BI * BH)
-    # small key slot of row r inside a tile: l_local = p - t_local + BT - 1 in [0, BI + BT - 1)
+    # small keys of a tile: l = i0 - t0 - (BT - 1) + l_local, l_local in [0, BI + BT - 1)
     lloc = tl.arange(0, LB)
-    onehot = lloc[:, None] == (pp - tt + BT - 1)[None, :]                      # [LB, BM]
     LSLOT = NB + WS - 1                    # slice: small keys l in [I0 - ws + 1, I0 + NB)
     part = (((b * HKV * NHB + hb) * NP + pid_p) * LSLOT).to(tl.int64)
     pk = DKS_PART + part * D_PAD
@@ -201,7 +278,7 @@ def _bwd_rows(
                          mask=rvalid[:, None] & emask[None, :], other=0.0)
             vs = tl.load(VS + b * svsb + l[:, None] * svss + g * svsh + ee[None, :],
                          mask=rvalid[:, None] & emask[None, :], other=0.0)
-            lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
             dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
             # z = q_i * k_s[l] * scale * log2(e); dO' = dO_i * v_s[l]: built once per tile,
             # used against every key block of the big window
@@ -209,64 +286,88 @@ def _bwd_rows(
             dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
             dz = tl.full([BM, D_PAD], 0.0, tl.float32)
             acc = tl.full([BM, DV_PAD], 0.0, tl.float32)
-            for j0 in range(j_lo, j_hi, BN):
-                jj = j0 + tl.arange(0, BN)
-                kb = tl.load(KB + b * skbb + jj[:, None] * skbs + g * skbh + dd[None, :],
-                             mask=(jj < S)[:, None] & dmask[None, :], other=0.0)
-                vb = tl.load(VB + b * svbb + jj[:, None] * svbs + g * svbh + ee[None, :],
-                             mask=(jj < S)[:, None] & emask[None, :], other=0.0)
-                # P = exp2(z k_b^T - Lse_i log2 e) inside both windows, else 0
-                # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
-                s = tl.dot(z, tl.trans(kb), input_precision=PRECISION)
-                valid = (rvalid[:, None] & (jj[None, :] <= ii[:, None])
-                         & (jj[None, :] > ii[:, None] - WB))
-                p = tl.where(valid, tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0)), 0.0)
-                # dP = dO' v_b^T;  dS = P * (dP - Delta_i)
-                dp = tl.dot(dop, tl.trans(vb), input_precision=PRECISION)
-                ds = p * (dp - dlt[:, None])
-                # dz += dS k_b (scale applied below);  acc += P v_b
-                dz += tl.dot(ds.to(Q.dtype.element_ty), kb, input_precision=PRECISION)
-                acc += tl.dot(p.to(Q.dtype.element_ty), vb, input_precision=PRECISION)
+            # Key blocks are anchored at the right end j_hi of the tile's keys: block k holds
+            # [j_hi - (k + 1) BN, j_hi - k BN). Keys in [max(i0 + BI - wb, 0), i0 + 1) are in
+            # the window of every position of the tile: blocks wholly inside run unmasked
+            # (rows outside the problem have z = dO' = 0 and lse = inf, so P = dS = 0 there).
+            # The right edge (BI - 1 keys past i0) and the left remainder run masked.
+            int_lo = tl.maximum(i0 + BI - WB, 0)
+            k_first = (tl.maximum(j_hi - i0 - 1, 0) + BN - 1) // BN
+            k_int = tl.maximum((j_hi - int_lo) // BN, k_first)
+            n_blk = (j_hi - j_lo + BN - 1) // BN
+            for k in range(0, k_first):
+                dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
+                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                                      BN, True, PRECISION)
+            for k in range(k_first, k_int):
+                dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
+                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                                      BN, False, PRECISION)
+            for k in range(k_int, n_blk):
+                dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
+                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                                      BN, True, PRECISION)
             dz = dz * scale
-            # dq_i += sum_t dz_(i,t) * k_s[i - t]  (rows of one (position, head) are BT apart);
-            # dk_s[l] += sum_{i-t=l} dz * q_i;  dv_s[l] += sum_{i-t=l} acc * dO_i.
-            # Each sum over rows is a product with a 0/1 matrix (the dk_s/dv_s one is skewed).
-            # On the GPU: two bf16 products (hi + lo parts, ~16 mantissa bits, exact 0/1
-            # weights, fp32 accumulation); the interpreter gets bf16 dots wrong, so there it
-            # is one IEEE fp32 product.
-            eq = dz * ks.to(tl.float32)
-            ek = dz * q.to(tl.float32)
+            # Reductions over rows, one at a time to keep few [BM, D] tensors live; q, k_s, dO
+            # are loaded again (L1/L2 hits; ".ca" keeps the compiler from merging these loads
+            # with the ones above and holding q, k_s, dO in registers across the key loop):
+            #   dk_s[l] += sum_{i-t=l} dz * q_i;  dv_s[l] += sum_{i-t=l} acc * dO_i   (skewed)
+            #   dq_i    += sum_t dz_(i,t) * k_s[i - t]    (rows of one (position, head) are BT apart)
+            # Each is a product with a 0/1 matrix (exact weights, fp32 accumulation). On the GPU:
+            # one bf16 product for bf16 inputs (the terms rounded to bf16, an error of the size
+            # of z's rounding), two (hi + lo parts, ~16 mantissa bits) with SPLIT for fp16/fp32;
+            # the interpreter gets bf16 dots wrong, so there it is one IEEE fp32 product.
+            # dv_s goes first so that acc is dead before dk_s, dq need dz.
+            # The slots of this tile's small keys l = i0 - t0 - (BT - 1) + l_local in this
+            # program's slice are l - I0 + ws - 1; the read-modify-writes follow a barrier that
+            # orders them after the previous tile's stores (made by other threads, maybe).
+            slot = i0 - t0 - (BT - 1) + lloc - I0 + WS - 1
+            lglob = i0 - t0 - (BT - 1) + lloc
+            smask = (lloc < BI + BT - 1) & (lglob >= 0) & (lglob < S) & (slot >= 0) & (slot < LSLOT)
+            # 0/1 matrices built here from this tile's indices (not hoisted, so not held in
+            # registers across the key loop): row r -> its small key's slot, its (position, head)
+            onehot = lglob[:, None] == l[None, :]                                # [LB, BM]
+            onehot_q = ((i0 + rq // BH)[:, None] == ii[None, :]) & ((rq % BH)[:, None] == hh[None, :])
+            tl.debug_barrier()
+            do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
+                         mask=rvalid[:, None] & emask[None, :], other=0.0, cache_modifier=".ca")
             ev = acc * do.to(tl.float32)
+            if ONEHOT_BF16:
+                oh = onehot.to(tl.bfloat16)
+                ev_hi = ev.to(tl.bfloat16)
+                part_v = tl.dot(oh, ev_hi)
+                if SPLIT:
+                    part_v += tl.dot(oh, (ev - ev_hi.to(tl.float32)).to(tl.bfloat16))
+            else:
+                part_v = tl.dot(onehot.to(tl.float32), ev, input_precision="ieee")
+            old_v = tl.load(pv + slot[:, None] * DV_PAD + ee[None, :], mask=smask[:, None], other=0.0)
+            tl.store(pv + slot[:, None] * DV_PAD + ee[None, :], old_v + part_v, mask=smask[:, None])
+            q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
+                        mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
+            ek = dz * q.to(tl.float32)
+            if ONEHOT_BF16:
+                ek_hi = ek.to(tl.bfloat16)
+                part_k = tl.dot(oh, ek_hi)
+                if SPLIT:
+                    part_k += tl.dot(oh, (ek - ek_hi.to(tl.float32)).to(tl.bfloat16))
+            else:
+                part_k = tl.dot(onehot.to(tl.float32), ek, input_precision="ieee")
+            old_k = tl.load(pk + slot[:, None] * D_PAD + dd[None, :], mask=smask[:, None], other=0.0)
+            tl.store(pk + slot[:, None] * D_PAD + dd[None, :], old_k + part_k, mask=smask[:, None])
+            ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
+                         mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
+            eq = dz * ks.to(tl.float32)
             if DQ_SUM:
                 # compiled only (the interpreter path never takes it): a plain sum over BT
                 dq += tl.sum(tl.reshape(eq, [QB, BT, D_PAD]), axis=1)
             elif ONEHOT_BF16:
                 ohq = onehot_q.to(tl.bfloat16)
                 eq_hi = eq.to(tl.bfloat16)
-                dq += tl.dot(ohq, eq_hi) + tl.dot(ohq, (eq - eq_hi.to(tl.float32)).to(tl.bfloat16))
+                dq += tl.dot(ohq, eq_hi)
+                if SPLIT:
+                    dq += tl.dot(ohq, (eq - eq_hi.to(tl.float32)).to(tl.bfloat16))
             else:
                 dq += tl.dot(onehot_q.to(tl.float32), eq, input_precision="ieee")
-            if ONEHOT_BF16:
-                oh = onehot.to(tl.bfloat16)
-                ek_hi = ek.to(tl.bfloat16)
-                pk_t = tl.dot(oh, ek_hi) + tl.dot(oh, (ek - ek_hi.to(tl.float32)).to(tl.bfloat16))
-                ev_hi = ev.to(tl.bfloat16)
-                pv_t = tl.dot(oh, ev_hi) + tl.dot(oh, (ev - ev_hi.to(tl.float32)).to(tl.bfloat16))
-            else:
-                oh = onehot.to(tl.float32)
-                pk_t = tl.dot(oh, ek, input_precision="ieee")
-                pv_t = tl.dot(oh, ev, input_precision="ieee")
-            # slot of small key l = i0 - t0 - (BT - 1) + l_local is l - I0 + ws - 1
-            slot = i0 - t0 - (BT - 1) + lloc - I0 + WS - 1
-            lglob = i0 - t0 - (BT - 1) + lloc
-            smask = (lloc < BI + BT - 1) & (lglob >= 0) & (lglob < S) & (slot >= 0) & (slot < LSLOT)
-            # read-modify-write of this program's own slice; the barrier orders it after the
-            # previous tile's store (other threads of this program may have written these keys)
-            tl.debug_barrier()
-            ok = tl.load(pk + slot[:, None] * D_PAD + dd[None, :], mask=smask[:, None], other=0.0)
-            tl.store(pk + slot[:, None] * D_PAD + dd[None, :], ok + pk_t, mask=smask[:, None])
-            ov = tl.load(pv + slot[:, None] * DV_PAD + ee[None, :], mask=smask[:, None], other=0.0)
-            tl.store(pv + slot[:, None] * DV_PAD + ee[None, :], ov + pv_t, mask=smask[:, None])
         iq = i0 + rq // BH
         tl.store(DQ + b * sdqb + iq[:, None] * sdqs + hq_q[:, None] * sdqh + dd[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(hvalid_q & (iq < S))[:, None] & dmask[None, :])
@@ -276,15 +377,20 @@ _INTERPRETED = {}
 
 
 def _kernel(fn, device: torch.device):
-    """The jitted kernel on CUDA; on CPU the same source under the Triton interpreter."""
+    """The jitted kernel on CUDA; on CPU the same source under the Triton interpreter, with the
+    jitted helpers it calls (``_rows_block``) interpreted too (in a copy of the module's globals,
+    so the compiled path in the same process is untouched)."""
     if device.type == "cuda":
         return fn
     from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(fn, InterpretedFunction):
-        if fn not in _INTERPRETED:
-            _INTERPRETED[fn] = InterpretedFunction(fn.fn)
-        fn = _INTERPRETED[fn]
-    return fn
+    if fn not in _INTERPRETED:
+        env = dict(fn.fn.__globals__)
+        for name, v in fn.fn.__globals__.items():
+            if isinstance(v, triton.runtime.JITFunction):
+                env[name] = InterpretedFunction(v.fn)
+        f = types.FunctionType(fn.fn.__code__, env, fn.fn.__name__, fn.fn.__defaults__, fn.fn.__closure__)
+        _INTERPRETED[fn] = InterpretedFunction(f)
+    return _INTERPRETED[fn]
 
 
 def _pow2(n: int) -> int:
@@ -293,7 +399,8 @@ def _pow2(n: int) -> int:
 
 def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, shrink: int = 0):
     """Tile sizes. Rows kernel: BM = BI * BH * BT rows (positions x heads x offsets) against
-    BN keys. Keys kernel: KBN keys against KBH * KBT rows (heads x offsets of one small key).
+    BN keys (32 for 16-bit D = 128: the smaller S and dP tiles leave registers for dz and acc).
+    Keys kernel: KBN keys against KBI * KBH * KBT rows (positions x heads x offsets).
     Wider rows (fp32, head dims past 128) get smaller tiles; ``shrink`` halves them again."""
     if device.type == "cuda":
         row_bytes = max(_pow2(D), _pow2(DV)) * elt
@@ -301,6 +408,7 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
         bm, bn = max(16, bm >> shrink), max(16, bn >> shrink)
         warps, stages, nb_min = (8 if bm == 128 else 4), 2, 64
         kbn, kbm = 2 * bn, bm // 2      # keys kernel: 64 rows x 128 keys measured best
+        bn = max(16, bn // 2)           # rows kernel: 32-key blocks (fewer live registers) measured best
     else:
         bm, bn, warps, stages, nb_min = 16, 16, 4, 1, 16
         kbn, kbm = 16, 16
@@ -402,7 +510,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     _kernel(_bwd_rows, q.device)[grid](
         q, ks, vs, kb, vb, do, lse, delta, dq, dks_part, dvs_part, *common, *_strides(dq),
         S, HQ, HKV, G, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
-        QB=BI * BH if dq_sum else max(16, BI * BH), ONEHOT_BF16=on_gpu, DQ_SUM=dq_sum, BI=BI, BH=BH, BT=BT, BN=BN,
+        QB=BI * BH if dq_sum else max(16, BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, DQ_SUM=dq_sum, BI=BI, BH=BH, BT=BT, BN=BN,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
     return dq, dkb, dvb, dks_part, dvs_part, NB
 
