@@ -1,0 +1,128 @@
+"""Device script for the Triton forward (twosimplicial/ops/triton_fwd.py): check, then time variants.
+
+    PYTHONPATH=. python3 benchmarks/bench_fwd_variants.py [--variants NAME,...] [--cases CASE[:V1+V2],...]
+
+e.g. ``--variants default,flat,3st-pf --cases gqa64:default+flat,mha:default+flat,det:default+3st-pf``
+checks the three variants on reduced shapes, then times two of them per case (~1 min on an H100).
+
+1. Correctness of each variant (bf16) on reduced shapes against float64 through the
+   memory-bounded torch path (``chunked``), relative errors of out and lse.
+2. Timing (bf16, the issue's shapes, (w1, w2) = (512, 32) unless the case says otherwise):
+   forward median per variant, and cuDNN SDPA forward FLOP-matched (q length S, kv length
+   w1 * w2, same heads and D) in the same run; FLOPs: SPEC §4, 4 * D per valid triple.
+Prints a table; writes nothing (benchmarks/bench_kernels.py writes the results JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import triton
+
+from twosimplicial.ops.chunked import chunked_two_simplicial_attention
+from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+
+CASES = {  # name: (B, S, Hq, Hkv, D, Dv, w1, w2); FLOPs counted at head dim min(D, Dv)
+    "gqa64": (2, 8192, 64, 1, 128, 128, 512, 32),
+    "mha": (1, 8192, 16, 16, 128, 128, 512, 32),
+    "mha-d64": (2, 8192, 16, 16, 64, 64, 512, 32),
+    # the determinant form at the mha shape, as the kernel sees it: D' = 2 * 3 * (128 // 3) + 128 % 3
+    "det": (1, 8192, 16, 16, 254, 128, 512, 32),
+}
+VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
+    "default": {},
+    "flat": dict(flat=True),                               # persistent kernel, 2 programs per SM
+    "flat-2st": dict(flat=True, num_stages=2),
+    # candidates for D > 128 (the determinant form; default there: 32 keys, 2 stages, no v_s prefetch)
+    "3st": dict(num_stages=3),
+    "3st-pf": dict(num_stages=3, prefetch_vs=True),
+    "bn64-2st-pf": dict(block_n=64, num_stages=2, prefetch_vs=True),
+}
+
+
+def n_triples(S, w1, w2):
+    i = torch.arange(S, dtype=torch.float64)
+    return float((torch.clamp(i + 1, max=w1) * torch.clamp(i + 1, max=w2)).sum())
+
+
+def rand(*shape, gen, dtype=torch.bfloat16):
+    return torch.randn(*shape, device="cuda", dtype=torch.float32, generator=gen).to(dtype)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check(variants, gen):
+    """bf16 out / lse against float64 on reduced shapes (GQA and MHA, windows not multiples of 64)."""
+    for B, S, Hq, Hkv, D, Dv, w1, w2 in ((1, 1500, 8, 1, 128, 128, 512, 32), (2, 1100, 4, 4, 64, 64, 300, 20),
+                                         (1, 700, 6, 2, 96, 96, 17, 130), (1, 900, 4, 4, 254, 128, 512, 32)):
+        q = rand(B, S, Hq, D, gen=gen)
+        k1, v1, k2, v2 = (rand(B, S, Hkv, d, gen=gen) for d in (D, Dv, D, Dv))
+        scale = D ** -0.5
+        ro, rl = chunked_two_simplicial_attention(*(t.double() for t in (q, k1, v1, k2, v2)), w1, w2, scale)
+        for name, cfg in variants.items():
+            out = torch.full((B, S, Hq, Dv), float("nan"), device="cuda", dtype=torch.bfloat16)
+            o, lse = two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, False, config=cfg)
+            out.copy_(o)
+            eo, el = rel(out, ro), rel(lse, rl)
+            bad = not (eo < 1e-2 and el < 1e-2)
+            print(f"check {name:22s} B{B} S{S} Hq{Hq} Hkv{Hkv} D{D} Dv{Dv} {w1}x{w2}: out {eo:.2e} lse {el:.2e}"
+                  + ("  FAILED" if bad else ""), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default="default", help="comma-separated names of VARIANTS")
+    ap.add_argument("--cases", default="gqa64,mha", help="comma-separated case[:variant+variant...] names")
+    ap.add_argument("--rep", type=int, default=300, help="do_bench repeat time in ms")
+    args = ap.parse_args()
+    variants = {n: VARIANTS[n] for n in args.variants.split(",")}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    check(variants, gen)
+    table = []
+    for spec in args.cases.split(","):
+        case, _, names = spec.partition(":")
+        case_variants = {n: VARIANTS[n] for n in names.split("+")} if names else variants
+        B, S, Hq, Hkv, D, Dv, w1, w2 = CASES[case]
+        Dm = min(D, Dv)                                    # head dim the FLOPs (and cuDNN) use
+        flops = 4 * Dm * n_triples(S, w1, w2) * B * Hq
+        q = rand(B, S, Hq, D, gen=gen)
+        k1, v1, k2, v2 = (rand(B, S, Hkv, d, gen=gen) for d in (D, Dv, D, Dv))
+        base = None
+        for name, cfg in case_variants.items():
+            f = lambda: two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=cfg)
+            try:
+                out = f()[0]
+                diff = 0.0 if base is None else rel(out, base)
+                base = out if base is None else base
+                ms = triton.testing.do_bench(f, warmup=50, rep=args.rep, return_mode="median")
+            except Exception as e:                         # e.g. out of shared memory
+                print(f"{case} {name} failed: {str(e)[:200]}", flush=True)
+                continue
+            table.append((case, name, ms, flops / ms / 1e9, diff))
+            print(f"time {case:10s} {name:22s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s (vs first: {diff:.1e})",
+                  flush=True)
+        del q, k1, v1, k2, v2
+        L = w1 * w2                                        # FLOP-matched cuDNN SDPA, same run
+        sq, sk, sv = rand(B, Hq, S, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(sq, sk, sv)
+        ms = triton.testing.do_bench(sdpa, warmup=50, rep=args.rep, return_mode="median")
+        table.append((case, "sdpa-cudnn", ms, 4 * S * L * Dm * Hq * B / ms / 1e9, math.nan))
+        del sq, sk, sv
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    ref = {c: tf for c, n, _, tf, _ in table if n == "sdpa-cudnn"}
+    print(f"{'case':10s} {'variant':22s} {'ms':>8s} {'TFLOP/s':>8s} {'x cuDNN':>8s}")
+    for c, n, ms, tf, _ in table:
+        print(f"{c:10s} {n:22s} {ms:8.3f} {tf:8.1f} {tf / ref[c]:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
