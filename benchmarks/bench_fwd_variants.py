@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/bench_fwd_variants.py [--variants NAME,...] [--cases CASE[:V1+V2],...]
 
-e.g. ``--variants default,flat,3st-pf --cases gqa64:default+flat,mha:default+flat,det:default+3st-pf``
+e.g. ``--variants default,3st --cases gqa64:default+3st,det:default+3st-pf``
 checks the three variants on reduced shapes, then times two of them per case (~1 min on an H100).
 
 1. Correctness of each variant (bf16) on reduced shapes against float64 through the
@@ -32,8 +32,6 @@ CASES = {  # name: (B, S, Hq, Hkv, D, Dv, w1, w2); FLOPs counted at head dim min
 }
 VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "default": {},
-    "flat": dict(flat=True),                               # persistent kernel, 2 programs per SM
-    "flat-2st": dict(flat=True, num_stages=2),
     # candidates for D > 128 (the determinant form; default there: 32 keys, 2 stages, no v_s prefetch)
     "3st": dict(num_stages=3),
     "3st-pf": dict(num_stages=3, prefetch_vs=True),

@@ -216,166 +216,22 @@ def _two_simplicial_fwd_kernel(
     tl.store(lse_ptr + b * stride_lb + h_q * stride_lh + i_q, lse, mask=ok_q)
 
 
-def _two_simplicial_fwd_flat_kernel(
-    q_ptr, ks_ptr, vs_ptr, kb_ptr, vb_ptr, out_ptr, lse_ptr,
-    stride_qb, stride_qs, stride_qh,
-    stride_ksb, stride_kss, stride_ksh,
-    stride_vsb, stride_vss, stride_vsh,
-    stride_kbb, stride_kbs, stride_kbh,
-    stride_vbb, stride_vbs, stride_vbh,
-    stride_ob, stride_os, stride_oh,
-    stride_lb, stride_lh,
-    S, HKV, GKV, N_HBLK, N_PBLK, N_TILES, NB, WS, WB, qk_scale,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, P: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
-    DOT_PREC: tl.constexpr, INT64_IDX: tl.constexpr,
-):
-    """Persistent form of the kernel above for ``ws <= T`` (one offset chunk per tile), opt-in
-    (``config={"flat": True}``). Each program walks tiles ``pid, pid + nprog, ...`` and the pairs
-    (tile, key block) run as ONE flat loop of ``NB`` blocks per tile, so the software pipeline
-    keeps loading the next tile's key blocks while the current one finishes: no pipeline fill per
-    tile. Every tile walks the same ``NB`` blocks ``[hi - (k+1) BLOCK_N, hi - k BLOCK_N)`` covering
-    its ``wb + P - 1`` keys; blocks at the causal edge, the window's left edge or before the
-    sequence start are masked.
-
-    Tile ``n`` is merged (2) and stored in the first iteration of tile ``n + 1`` (one extra
-    iteration at the end stores the last tile), *after* that iteration's first product: its
-    wait also completes the previous iteration's ``P v_b`` product, so no instruction reads the
-    accumulator while a wgmma on it is in flight (reading it earlier makes ptxas serialise every
-    wgmma of the kernel, C7514: measured -24%). The v_s rows of a tile are loaded at its start,
-    right after the previous tile is stored, so their latency hides behind the key loop."""
-    EVEN_D: tl.constexpr = D == BLOCK_D
-    EVEN_DV: tl.constexpr = DV == BLOCK_DV
-    BLOCK_M: tl.constexpr = P * G * T
-    NQ: tl.constexpr = P * G
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_my = (N_TILES - pid + nprog - 1) // nprog
-    n_it = n_my * NB + 1
-
-    r = tl.arange(0, BLOCK_M)
-    t_r = r % T                                    # ws <= T: the tile holds every offset
-    g_r = (r // T) % G
-    p_r = r // (G * T)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    d_ok = d < D
-    dv_ok = dv < DV
-    qq = tl.arange(0, NQ)
-
-    z = tl.full([BLOCK_M, BLOCK_D], 0.0, kb_ptr.dtype.element_ty)
-    vs_rows = tl.full([BLOCK_M, BLOCK_DV], 0.0, vs_ptr.dtype.element_ty)
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
-    for it in range(0, n_it):
-        # (tile, key block) of this iteration; tiles: head block fastest, then position, then
-        # (b, hk). In the extra last iteration (n = n_my) the merge block stores the last tile;
-        # its key block (of the last tile again) is computed and dropped.
-        n = it // NB
-        kb_i = it - n * NB
-        tile = pid + tl.minimum(n, n_my - 1) * nprog
-        hblk = tile % N_HBLK
-        pblk = (tile // N_HBLK) % N_PBLK
-        bh = tile // (N_HBLK * N_PBLK)
-        b = (bh // HKV).to(tl.int64)
-        hk = bh % HKV
-        i0 = pblk * P
-        if INT64_IDX:
-            i0 = i0.to(tl.int64)
-        hi = i0 + P
-        i_r = i0 + p_r
-        hl_r = hblk * G + g_r
-        l_r = i_r - t_r
-        row_ok = (i_r < S) & (hl_r < GKV) & (t_r < WS) & (l_r >= 0)
-        if kb_i == 0:                              # (1): the virtual queries of this tile
-            h_r = hk * GKV + hl_r
-            q_rows = tl.load(q_ptr + b * stride_qb + i_r[:, None] * stride_qs + h_r[:, None] * stride_qh + d[None, :],
-                             mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            ks_rows = tl.load(ks_ptr + b * stride_ksb + hk * stride_ksh + l_r[:, None] * stride_kss + d[None, :],
-                              mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            z = (q_rows * ks_rows * qk_scale).to(kb_ptr.dtype.element_ty)
-        j = hi - (kb_i + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j_ld = tl.minimum(tl.maximum(j, 0), S - 1)
-        kb_base = kb_ptr + b * stride_kbb + hk * stride_kbh
-        vb_base = vb_ptr + b * stride_vbb + hk * stride_vbh
-        if EVEN_D:
-            k_blk = tl.load(kb_base + j_ld[:, None] * stride_kbs + d[None, :])
-        else:
-            k_blk = tl.load(kb_base + j_ld[:, None] * stride_kbs + d[None, :], mask=d_ok[None, :], other=0.0)
-        if EVEN_DV:
-            v_blk = tl.load(vb_base + j_ld[:, None] * stride_vbs + dv[None, :])
-        else:
-            v_blk = tl.load(vb_base + j_ld[:, None] * stride_vbs + dv[None, :], mask=dv_ok[None, :], other=0.0)
-        s = tl.dot(z, tl.trans(k_blk), input_precision=DOT_PREC)
-        m_old = m_i
-        if kb_i == 0:
-            # (2) for the previous tile (none when it == 0: its stores are masked off), then the
-            # v_s rows of this one. y_r = v_s[l_r] * acc_r merged over the T offsets of each query.
-            tile_p = pid + (n - 1) * nprog             # n - 1 < 0 when it == 0: stores masked off
-            hblk_p = tile_p % N_HBLK
-            pblk_p = (tile_p // N_HBLK) % N_PBLK
-            bh_p = tile_p // (N_HBLK * N_PBLK)
-            b_p = (bh_p // HKV).to(tl.int64)
-            hk_p = bh_p % HKV
-            i0_p = pblk_p * P
-            if INT64_IDX:
-                i0_p = i0_p.to(tl.int64)
-            i_rp = i0_p + p_r
-            row_ok_p = (i_rp < S) & (hblk_p * G + g_r < GKV) & (t_r < WS) & (i_rp - t_r >= 0)
-            y = tl.where(row_ok_p[:, None], acc * vs_rows.to(tl.float32), 0.0)
-            m3 = tl.reshape(tl.where(row_ok_p, m_i, -1.0e30), [NQ, T])
-            M_q = tl.reduce(m3, 1, _MAX)
-            a3 = tl.math.exp2(m3 - M_q[:, None])
-            L_q = tl.reduce(a3 * tl.reshape(tl.where(row_ok_p, l_i, 0.0), [NQ, T]), 1, _SUM)
-            O_q = tl.reduce(tl.reshape(y, [NQ, T, BLOCK_DV]) * a3[:, :, None], 1, _SUM)
-            i_q = i0_p + qq // G
-            hl_q = hblk_p * G + qq % G
-            ok_q = (i_q < S) & (hl_q < GKV) & (it > 0)
-            h_q = hk_p * GKV + hl_q
-            L_safe = tl.where(L_q > 0.0, L_q, 1.0)
-            o = O_q / L_safe[:, None]
-            tl.store(out_ptr + b_p * stride_ob + i_q[:, None] * stride_os + h_q[:, None] * stride_oh + dv[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=ok_q[:, None] & dv_ok[None, :])
-            lse = (M_q + tl.math.log2(L_safe)) * 0.6931471805599453
-            tl.store(lse_ptr + b_p * stride_lb + h_q * stride_lh + i_q, lse, mask=ok_q)
-            vs_rows = tl.load(vs_ptr + b * stride_vsb + hk * stride_vsh + l_r[:, None] * stride_vss + dv[None, :],
-                              mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            # a new tile restarts from m = -1e30, so alpha = 0 below clears l and acc. Setting it
-            # here also keeps this block before the P v_b product (the product depends on it).
-            m_old = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        # masked: the causal edge (block 0 when P > 1), the window's left edge, the sequence start
-        edge = ((kb_i + 1) * BLOCK_N > WB) | (hi < (kb_i + 1) * BLOCK_N)
-        if P > 1:
-            edge = edge | (kb_i == 0)
-        if edge:
-            in_win = (j[None, :] <= i_r[:, None]) & (j[None, :] > i_r[:, None] - WB) & (j[None, :] >= 0)
-            s = tl.where(in_win, s, float("-inf"))
-        # online softmax (base 2)
-        m_new = tl.maximum(m_old, tl.reduce(s, 1, _MAX))
-        alpha = tl.math.exp2(m_old - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_blk.dtype), v_blk, input_precision=DOT_PREC)
-        m_i = m_new
-
-
 # The kernel is jitted lazily, once per mode, so that TRITON_INTERPRET=1 set after this
 # module was imported (e.g. by a test fixture) still selects the interpreter: triton
 # decides between compiled and interpreted at decoration time. For the same reason the
 # kernel calls no @triton.jit helpers of triton.language.standard (tl.cdiv, tl.zeros,
 # tl.max, tl.sum); see _MAX / _SUM above.
-_KERNELS: dict[tuple[bool, bool], object] = {}
+_KERNELS: dict[bool, object] = {}
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernel(flat: bool = False):
-    mode = (_interpret(), flat)
+def _kernel():
+    mode = _interpret()
     if mode not in _KERNELS:
-        _KERNELS[mode] = triton.jit(_two_simplicial_fwd_flat_kernel if flat else _two_simplicial_fwd_kernel)
+        _KERNELS[mode] = triton.jit(_two_simplicial_fwd_kernel)
     return _KERNELS[mode]
 
 
@@ -393,15 +249,12 @@ def pack_rows(block_m: int, gkv: int, ws: int) -> tuple[int, int, int]:
 
 def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int | None = None,
                block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-               maxnreg: int | None = None, prefetch_vs: bool | None = None, int64_idx: bool = False,
-               flat: bool = False, progs_per_sm: int = 2) -> dict:
+               maxnreg: int | None = None, prefetch_vs: bool | None = None, int64_idx: bool = False) -> dict:
     """Launch configuration. Defaults measured on an H100 (benchmarks/NOTES.md): 64 rows and 4
     warps (one warpgroup) beat 128 rows and 8 warps by ~20%, because two such programs fit on an
     SM and overlap one's softmax with the other's matrix products. A small window wider than the
     tile (ws > T) makes the kernel loop over offset chunks, which costs registers (spills), so
-    tiles grow to 128 rows to hold up to 128 offsets at once. The interpreter gets tiny tiles.
-    ``flat`` (opt-in, not yet measured in its fixed form: benchmarks/NOTES.md) runs the persistent
-    kernel with ``progs_per_sm`` programs per SM when the tile holds the whole small window."""
+    tiles grow to 128 rows to hold up to 128 offsets at once. The interpreter gets tiny tiles."""
     if interpret:
         dflt = (16, 16, 1, 1)
     elif max(D, Dv) > 128:
@@ -415,7 +268,7 @@ def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int
     block_n = max(block_n or dflt[1], P)           # the masking scheme needs P <= BLOCK_N
     cfg = dict(BLOCK_N=block_n, P=P, G=G, T=T, num_warps=num_warps or dflt[2], num_stages=num_stages or dflt[3],
                prefetch_vs=bool(prefetch_vs) if prefetch_vs is not None else (not interpret and max(D, Dv) <= 128),
-               int64_idx=int64_idx, flat=bool(flat) and ws <= T, progs_per_sm=int(progs_per_sm))
+               int64_idx=int64_idx)
     if maxnreg:
         cfg["maxnreg"] = maxnreg
     return cfg
@@ -447,36 +300,28 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     gkv = Hq // Hkv
     interpret = _interpret()
     cfg = fwd_config(gkv, ws, D, Dv, interpret, **(config or {}))
-    P, G, T = cfg["P"], cfg["G"], cfg["T"]
+    P, G = cfg["P"], cfg["G"]
     n_hblk = triton.cdiv(gkv, G)
-    n_pblk = triton.cdiv(S, P)
+    grid = (triton.cdiv(S, P) * n_hblk, B * Hkv)
     if q.dtype == torch.float32:
         prec = "tf32" if allow_tf32 else "ieee"
     else:
         prec = "tf32"                              # ignored for 16-bit operands
-    args = (q, ks, vs, kb, vb, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            ks.stride(0), ks.stride(1), ks.stride(2),
-            vs.stride(0), vs.stride(1), vs.stride(2),
-            kb.stride(0), kb.stride(1), kb.stride(2),
-            vb.stride(0), vb.stride(1), vb.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1))
-    consts = dict(D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)), BLOCK_N=cfg["BLOCK_N"],
-                  P=P, G=G, T=T, DOT_PREC=prec,
-                  INT64_IDX=cfg["int64_idx"] or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                  **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
-    if cfg["flat"]:
-        n_tiles = n_pblk * n_hblk * B * Hkv
-        n_sm = 4 if interpret else torch.cuda.get_device_properties(q.device).multi_processor_count
-        grid = (min(n_tiles, cfg["progs_per_sm"] * n_sm),)
-        nb = triton.cdiv(wb + P - 1, cfg["BLOCK_N"])   # key blocks per tile
-        _kernel(flat=True)[grid](*args, S, Hkv, gkv, n_hblk, n_pblk, n_tiles, nb, ws, wb, float(scale) * LOG2E,
-                                 **consts)
-        return out, lse
-    grid = (n_pblk * n_hblk, B * Hkv)
-    _kernel()[grid](*args, S, Hkv, gkv, n_hblk, ws, wb, float(scale) * LOG2E,
-                    BLOCK_N2=min(cfg["BLOCK_N"], max(16, _pow2(P - 1))), ONE_CHUNK=ws <= T,
-                    PREFETCH_VS=cfg["prefetch_vs"], **consts)
+    _kernel()[grid](
+        q, ks, vs, kb, vb, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        vs.stride(0), vs.stride(1), vs.stride(2),
+        kb.stride(0), kb.stride(1), kb.stride(2),
+        vb.stride(0), vb.stride(1), vb.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        S, Hkv, gkv, n_hblk, ws, wb, float(scale) * LOG2E,
+        D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_N2=min(cfg["BLOCK_N"], max(16, _pow2(P - 1))),
+        P=P, G=G, T=cfg["T"], DOT_PREC=prec, ONE_CHUNK=ws <= cfg["T"], PREFETCH_VS=cfg["prefetch_vs"],
+        INT64_IDX=cfg["int64_idx"] or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
+    )
     return out, lse
