@@ -190,3 +190,15 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     wb = load_file(str(latest_checkpoint(tmp_path / "acc") / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """train.compile=true (torch.compile of the whole model, 2-simplicial layer included)
+    trains to the same losses as eager mode."""
+    eager = tiny_lm_config(tmp_path, "eager", max_steps=3, eval_interval=100, ckpt_interval=100)
+    compiled = tiny_lm_config(tmp_path, "compiled", max_steps=3, eval_interval=100, ckpt_interval=100, compile=True)
+    train(eager)
+    train(compiled)
+    a, b = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
