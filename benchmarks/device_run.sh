@@ -5,6 +5,8 @@
 #   3. tokens/s of a dot-product and a 2-simplicial LM of the same size (configs/gpu_*.toml,
 #      short runs), and the 2-simplicial one again under torch.compile.
 # Usage on the device: OUT=/some/dir bash benchmarks/device_run.sh [tests|bench|train ...]
+# STEPS sets the training steps; TRAIN_SETS adds --set overrides to both training runs (a CPU
+# dry run of the plumbing: TRAIN_SETS="run.device=cpu model.preset=tiny data.seq_len=64").
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TWOSIMPLICIAL_CACHE=/tmp/ts-cache
 OUT=${OUT:-/tmp/ts-out}
@@ -14,9 +16,12 @@ parts=${*:-tests bench train}
 python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, triton
 from twosimplicial.ops.interface import _pick_backend
-x = torch.empty(1, device="cuda", dtype=torch.bfloat16)
-print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
-      f"auto backend for bf16 CUDA: {_pick_backend('auto', x)}")
+if torch.cuda.is_available():
+    x = torch.empty(1, device="cuda", dtype=torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+          f"auto backend for bf16 CUDA: {_pick_backend('auto', x)}")
+else:
+    print(f"no GPU; torch {torch.__version__} triton {triton.__version__}")
 PY
 for part in $parts; do
   case $part in
@@ -26,6 +31,7 @@ for part in $parts; do
       common=(--set train.max_steps=$steps --set train.eval_interval=100000 --set train.ckpt_interval=100000
               --set train.log_interval=10 --set train.progress=false --set data.code_max_bytes=30000000
               --set data.tokenizer_sample_bytes=4000000 --set data.math_problems=5000)
+      for kv in ${TRAIN_SETS:-}; do common+=(--set "$kv"); done
       for run in "dot configs/gpu_dot.toml" "simplicial configs/gpu_simplicial.toml" \
                  "simplicial-compiled configs/gpu_simplicial.toml --set train.compile=true"; do
         set -- $run

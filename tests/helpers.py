@@ -12,15 +12,6 @@ def make_inputs(B, S, Hq, Hkv, D, Dv, dtype=torch.float64, device="cpu", require
     return r(B, S, Hq, D), r(B, S, Hkv, D), r(B, S, Hkv, Dv), r(B, S, Hkv, D), r(B, S, Hkv, Dv)
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||x - ref|| / ||ref||`` in float64 (0 when both are zero)."""
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    num, den = (x - ref).norm().item(), ref.norm().item()
-    if den == 0:
-        return num
-    return num / den
-
-
 def assert_close(x, ref, tol, name=""):
     """``||x - ref|| <= tol * max(||ref||, 1e-2 * sqrt(numel))``: relative error, with a floor for
     references that are (mathematically) zero, such as every gradient but dv at S = 1."""

@@ -68,3 +68,15 @@ def test_bad_input_shape():
     layer = TwoSimplicialAttention(12, 2)
     with pytest.raises(ValueError, match="x must be"):
         layer(torch.randn(2, 5, 13))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(kv_offsets=("a", 1.0)), ValueError, "kv_offsets must be"),
+    (dict(kv_offsets=(float("nan"), 1.0)), ValueError, "kv_offsets must be"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(form="determinant", rotary=True, rope_theta=0.0), ValueError, "rope_theta must be a positive number"),
+    (dict(w2=2.5), TypeError, "w2 must be an integer"),
+])
+def test_bad_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        TwoSimplicialAttention(12, 2, **kwargs)

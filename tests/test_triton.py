@@ -7,7 +7,6 @@ shapes in fp32/fp16 (the interpreter computes bf16 ``tl.dot`` wrongly). GPU test
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -21,7 +20,6 @@ from twosimplicial.ops.naive import naive_two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.triton_fwd import two_simplicial_fwd  # noqa: E402
 from twosimplicial.ops.triton_op import is_available, triton_two_simplicial  # noqa: E402
 
-HAS_BWD = importlib.util.find_spec("twosimplicial.ops.triton_bwd") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -149,12 +147,11 @@ def test_custom_ops_pass_opcheck():
     q, k1, v1, k2, v2 = make(1, 7, 4, 2, 16, 16, gen=gen)
     torch.library.opcheck(torch.ops.twosimplicial.fwd.default, (q, k1, v1, k2, v2, 4, 3, 0.25, False),
                           test_utils=("test_schema", "test_faketensor"))
-    if HAS_BWD:
-        out, lse = two_simplicial_fwd(q, k1, v1, k2, v2, 4, 3, 0.25, False)
-        do = torch.randn(out.shape, generator=gen)
-        torch.library.opcheck(torch.ops.twosimplicial.bwd.default,
-                              (do, q, k1, v1, k2, v2, out, lse, 4, 3, 0.25, False),
-                              test_utils=("test_schema", "test_faketensor"))
+    out, lse = two_simplicial_fwd(q, k1, v1, k2, v2, 4, 3, 0.25, False)
+    do = torch.randn(out.shape, generator=gen)
+    torch.library.opcheck(torch.ops.twosimplicial.bwd.default,
+                          (do, q, k1, v1, k2, v2, out, lse, 4, 3, 0.25, False),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_lse_is_not_differentiable():
@@ -165,7 +162,6 @@ def test_lse_is_not_differentiable():
     assert out.requires_grad and not lse.requires_grad
 
 
-@pytest.mark.skipif(not HAS_BWD, reason="twosimplicial.ops.triton_bwd (kernels-bwd helper) not present yet")
 @pytest.mark.parametrize("case", [(1, 9, 4, 2, 16, 16, 5, 3), (1, 8, 2, 2, 16, 32, 2, 6)])
 def test_gradients_through_op(case):
     B, S, Hq, Hkv, D, Dv, w1, w2 = case
@@ -306,7 +302,6 @@ def test_gpu_compile_fullgraph_and_cuda_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_BWD, reason="twosimplicial.ops.triton_bwd (kernels-bwd helper) not present yet")
 def test_gpu_backward_through_op_compiled():
     gen = torch.Generator(device="cuda").manual_seed(16)
     inputs = [t.requires_grad_(True) for t in make(1, 1024, 8, 2, 64, 64, dtype=torch.bfloat16, device="cuda", gen=gen)]

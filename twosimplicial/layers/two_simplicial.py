@@ -1,10 +1,14 @@
 """``TwoSimplicialAttention``: the 2-simplicial attention layer, ``[B, S, dim] -> [B, S, dim]``."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from ..ops import two_simplicial_attention
+from ..ops.interface import BACKENDS, FORMS, _check_window
 from ..ops.decode import decode_two_simplicial_attention
 from .cache import WindowCache
 from .rotary import Rotary3D
@@ -55,17 +59,22 @@ class TwoSimplicialAttention(nn.Module):
             head_dim = dim // heads
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
-        if form not in ("trilinear", "determinant"):
-            raise ValueError(f"form must be 'trilinear' or 'determinant', got {form!r}")
-        for name, w in (("w1", w1), ("w2", w2)):
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {w!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        w1, w2 = _check_window("w1", w1), _check_window("w2", w2)
         if kv_offsets is True:
             kv_offsets = (1.0 / head_dim, 1.0)
         elif kv_offsets is False:
             kv_offsets = (0.0, 0.0)
-        elif not (isinstance(kv_offsets, (tuple, list)) and len(kv_offsets) == 2):
-            raise ValueError(f"kv_offsets must be a bool or a pair (k2_offset, v2_offset), got {kv_offsets!r}")
+        elif not (isinstance(kv_offsets, (tuple, list)) and len(kv_offsets) == 2
+                  and all(isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c)
+                          for c in kv_offsets)):
+            raise ValueError(f"kv_offsets must be a bool or a pair of finite numbers (k2_offset, v2_offset), "
+                             f"got {kv_offsets!r}")
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not rope_theta > 0:
+            raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.w1, self.w2, self.form, self.backend = w1, w2, form, backend
         self.k2_offset, self.v2_offset = float(kv_offsets[0]), float(kv_offsets[1])
@@ -117,8 +126,7 @@ class TwoSimplicialAttention(nn.Module):
         k1, v1, k2, v2 = cache.append(k1, v1, k2, v2)          # past (<= w - 1 positions) + the S new ones
         P1, P2 = k1.shape[1] - S, k2.shape[1] - S              # cached past lengths
         if S == 1:                                             # one token: a small dense problem
-            return decode_two_simplicial_attention(q, k1[:, -self.w1 :], v1[:, -self.w1 :], k2[:, -self.w2 :],
-                                                   v2[:, -self.w2 :], form=self.form)
+            return decode_two_simplicial_attention(q, k1, v1, k2, v2, form=self.form)
         if P1 == 0 and P2 == 0:                                # a prefill from an empty cache
             return self._attend(q, k1, v1, k2, v2)
         # A chunk continuing a sequence: run the full op on [past, new] and keep the new rows.

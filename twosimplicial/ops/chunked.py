@@ -1,7 +1,7 @@
 """Memory-bounded, exact PyTorch path for 2-simplicial attention (trilinear form).
 
-This is what runs wherever the Triton kernels do not (CPU, non-NVIDIA GPUs, float64).
-It never holds an ``S x w1 x w2`` tensor for the whole sequence: queries are processed
+This is what runs wherever the Triton kernels do not: CPU tensors, float64, and machines
+without the ``triton`` package. It never holds an ``S x w1 x w2`` tensor for the whole sequence: queries are processed
 in chunks, and the backward recomputes each chunk's probabilities from the saved
 log-sum-exp instead of storing them.
 

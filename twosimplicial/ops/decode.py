@@ -14,11 +14,10 @@ The determinant form goes through the same Sarrus transform as the full op.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .determinant import determinant_to_trilinear
+from .interface import FORMS, _check_scale
 
 
 def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="trilinear", return_lse=False):
@@ -38,6 +37,10 @@ def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="tril
     for name, t in (("q", q), ("k1", k1), ("v1", v1), ("k2", k2), ("v2", v2)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, L, H, D], got {getattr(t, 'shape', type(t))}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all inputs must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must be on one device")
     B, one, Hq, D = q.shape
     if one != 1:
         raise ValueError(f"q must hold one position [B, 1, Hq, D], got shape {tuple(q.shape)}")
@@ -52,9 +55,9 @@ def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="tril
         raise ValueError("the windows must hold at least the query's own position (L1, L2 >= 1)")
     if k1.shape[3] != D or k2.shape[3] != D or v1.shape[3] != v2.shape[3]:
         raise ValueError(f"head dims differ: q/k1/k2 {D}/{k1.shape[3]}/{k2.shape[3]}, v1/v2 {v1.shape[3]}/{v2.shape[3]}")
-    if form not in ("trilinear", "determinant"):
-        raise ValueError(f"form must be 'trilinear' or 'determinant', got {form!r}")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    scale = _check_scale(scale, D)
     if form == "determinant":
         q, k1, k2 = determinant_to_trilinear(q, k1, k2)
 

@@ -5,6 +5,7 @@ Shapes and dtypes are checked once here; the backends (``chunked`` in PyTorch,
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import numbers
@@ -72,6 +73,7 @@ def _check_scale(scale, D):
     return float(scale)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_op():
     """The Triton backend module, or None where the ``triton`` package is not installed."""
     if importlib.util.find_spec("triton") is None:
@@ -84,18 +86,17 @@ def _pick_backend(backend, q):
     if backend == "torch":
         return "torch"
     op = _triton_op()
-    usable = op is not None and q.dtype != torch.float64 and op.is_available(q)
     if backend == "triton":
         if op is None:
-            raise RuntimeError("backend='triton' needs the `triton` package and the twosimplicial kernels; "
-                               "use backend='torch' or 'auto'")
+            raise RuntimeError("backend='triton' needs the `triton` package; use backend='torch' or 'auto'")
         if q.dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 runs on backend='torch'")
-        if not usable:
+        if not op.is_available(q):
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                              f"got tensors on {q.device}")
         return "triton"
-    return "triton" if usable else "torch"
+    # auto: the kernels on CUDA; the interpreter is far slower than the PyTorch path on a CPU
+    return "triton" if op is not None and q.is_cuda and q.dtype != torch.float64 else "torch"
 
 
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
@@ -115,8 +116,9 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         form: ``"trilinear"`` or ``"determinant"`` (sum of 3x3 determinants over
             ``D // 3`` chunks plus the trilinear term of the ``D % 3`` leftover dims).
         return_lse: also return the float32 log-sum-exp ``[B, Hq, S]`` (natural log).
-        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``
-            or ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors in half precision or float32 when
+            triton is installed, else PyTorch), ``"torch"`` or ``"triton"`` (CUDA tensors,
+            or CPU tensors under the Triton interpreter, ``TRITON_INTERPRET=1``).
 
     Returns:
         ``out [B, S, Hq, Dv]`` in q's dtype, or ``(out, lse)``.
@@ -133,7 +135,8 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     chosen = _pick_backend(backend, q)
     B, S, Hq, _ = q.shape
     if B * S * Hq == 0:                                   # empty batch or sequence: nothing to attend
-        out = q.new_zeros(B, S, Hq, v1.shape[3])
+        anchor = sum(t.sum() for t in (q, k1, v1, k2, v2)) * 0    # keeps out in the autograd graph
+        out = q.new_zeros(B, S, Hq, v1.shape[3]) + anchor
         lse = torch.zeros(B, Hq, S, dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
     if form == "determinant":

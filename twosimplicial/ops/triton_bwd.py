@@ -441,9 +441,10 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     G = HQ // HKV
     if B * S * HQ == 0:
         return tuple(torch.zeros_like(x) for x in (q, k1, v1, k2, v2))
-    # the smaller window plays the small role (virtual rows); the op is symmetric
+    # the smaller window plays the small role (virtual rows; the op is symmetric), k2 on a
+    # tie: the same rule as triton_fwd, so P is recomputed from the same rounded z = q * k_s
     w1e, w2e = min(int(w1), S), min(int(w2), S)
-    swap = w1e > w2e
+    swap = w1e >= w2e
     ks, vs, kb, vb = (k2, v2, k1, v1) if swap else (k1, v1, k2, v2)
     ws, wb = (w2e, w1e) if swap else (w1e, w2e)
     q, ks, vs, kb, vb, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, ks, vs, kb, vb, do))

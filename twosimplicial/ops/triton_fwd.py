@@ -47,7 +47,6 @@ dropped from (2) by ``where`` with max -1e30 and zero weight.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -216,23 +215,22 @@ def _two_simplicial_fwd_kernel(
     tl.store(lse_ptr + b * stride_lb + h_q * stride_lh + i_q, lse, mask=ok_q)
 
 
-# The kernel is jitted lazily, once per mode, so that TRITON_INTERPRET=1 set after this
-# module was imported (e.g. by a test fixture) still selects the interpreter: triton
-# decides between compiled and interpreted at decoration time. For the same reason the
-# kernel calls no @triton.jit helpers of triton.language.standard (tl.cdiv, tl.zeros,
-# tl.max, tl.sum); see _MAX / _SUM above.
+# The kernel is built lazily, once per mode: compiled (``triton.jit``) for CUDA tensors, the
+# Triton interpreter for CPU tensors (chosen by the tensors' device, as in triton_bwd, so
+# forward and backward always agree). The kernel calls no @triton.jit helpers of
+# triton.language.standard (tl.cdiv, tl.zeros, tl.max, tl.sum), which the interpreter could
+# not run from a compiled module; see _MAX / _SUM above.
 _KERNELS: dict[bool, object] = {}
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _kernel():
-    mode = _interpret()
-    if mode not in _KERNELS:
-        _KERNELS[mode] = triton.jit(_two_simplicial_fwd_kernel)
-    return _KERNELS[mode]
+def _kernel(interpret: bool):
+    if interpret not in _KERNELS:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+            _KERNELS[True] = InterpretedFunction(_two_simplicial_fwd_kernel)
+        else:
+            _KERNELS[False] = triton.jit(_two_simplicial_fwd_kernel)
+    return _KERNELS[interpret]
 
 
 def _pow2(n: int) -> int:
@@ -286,19 +284,21 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     B, S, Hq, D = q.shape
     Hkv = k1.shape[2]
     Dv = v1.shape[3]
-    # symmetric under (k1, v1, w1) <-> (k2, v2, w2): put the smaller window in the "s" role
+    # symmetric under (k1, v1, w1) <-> (k2, v2, w2): the smaller window (after clamping to S,
+    # k2 on a tie) takes the "s" role; triton_bwd and chunked use the same rule, so the
+    # backward rounds the same virtual query z = q * k_s as the forward
+    w1, w2 = min(int(w1), S), min(int(w2), S)     # windows past the sequence change nothing
     if w1 >= w2:
         kb, vb, wb, ks, vs, ws = k1, v1, w1, k2, v2, w2
     else:
         kb, vb, wb, ks, vs, ws = k2, v2, w2, k1, v1, w1
-    wb, ws = min(int(wb), S), min(int(ws), S)     # windows past the sequence change nothing
     q, kb, vb, ks, vs = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kb, vb, ks, vs))
     out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     if B * S * Hq == 0:
         return out, lse
     gkv = Hq // Hkv
-    interpret = _interpret()
+    interpret = q.device.type != "cuda"
     cfg = fwd_config(gkv, ws, D, Dv, interpret, **(config or {}))
     P, G = cfg["P"], cfg["G"]
     n_hblk = triton.cdiv(gkv, G)
@@ -307,7 +307,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         prec = "tf32" if allow_tf32 else "ieee"
     else:
         prec = "tf32"                              # ignored for 16-bit operands
-    _kernel()[grid](
+    _kernel(interpret)[grid](
         q, ks, vs, kb, vb, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2),
