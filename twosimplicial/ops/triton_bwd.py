@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .triton_fwd import LOG2E, _pow2
 LN2 = 0.6931471805599453
 
 
@@ -391,10 +391,6 @@ def _kernel(fn, device: torch.device):
         f = types.FunctionType(fn.fn.__code__, env, fn.fn.__name__, fn.fn.__defaults__, fn.fn.__closure__)
         _INTERPRETED[fn] = InterpretedFunction(f)
     return _INTERPRETED[fn]
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, shrink: int = 0):
