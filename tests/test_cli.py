@@ -123,3 +123,25 @@ def test_demo_smoke(tmp_path):
     assert abs(p[0] - p[1]) / max(p) < 0.01                         # same parameter budget
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
     assert "2-simplicial" in r.stdout and "position-only" in r.stdout
+
+
+@pytest.mark.parametrize("steps", [0, -3, True, 2.5])
+def test_demo_rejects_bad_steps(tmp_path, steps):
+    from twosimplicial.demo import run_demo
+    with pytest.raises(ValueError, match="steps"):                # 0 used to mean "the size's default"
+        run_demo(out_dir=tmp_path / "demo", steps=steps, device="cpu")
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(max_tokens=0), ValueError, "max_tokens"),
+    (dict(batch_size=-1), ValueError, "batch_size"),
+    (dict(math_problems_n=0), ValueError, "math_problems_n"),
+    (dict(match3_batches=1.5), ValueError, "match3_batches"),
+    (dict(batch_size=True), ValueError, "batch_size"),
+    (dict(humaneval="no"), TypeError, "humaneval"),
+])
+def test_evaluate_run_rejects_bad_counts(tmp_path, kw, exc, match):
+    from twosimplicial.evaluate import evaluate_run
+    with pytest.raises(exc, match=match):                      # checked before the run directory is read
+        evaluate_run(tmp_path / "nothing", **kw)

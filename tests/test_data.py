@@ -191,3 +191,28 @@ def test_make_data_lm(corpus_dir):
     assert len(vb) == 2 and vb[0][0].shape == (3, 32)
     with pytest.raises(ValueError, match="unknown"):
         DataConfig.from_dict({"nope": 1})
+
+
+def test_data_config_rejects_bad_match3_seq_len_and_weights():
+    cfg = DataConfig.from_dict({"task": "match3", "match3_n": 16, "match3_M": 55})
+    assert cfg.seq_len == 16
+    assert DataConfig.from_dict({"task": "match3", "match3_n": 16, "match3_M": 55, "seq_len": 16}).seq_len == 16
+    with pytest.raises(ValueError, match="data.seq_len"):
+        DataConfig.from_dict({"task": "match3", "match3_n": 16, "match3_M": 55, "seq_len": 999})
+    with pytest.raises(ValueError, match=r"data.weights.*'cod'"):
+        DataConfig.from_dict({"weights": {"code": 1.0, "cod": 0}})
+    with pytest.raises(ValueError, match="data.weights.math"):
+        DataConfig.from_dict({"weights": {"code": 1.0, "math": -0.1}})
+    with pytest.raises(TypeError, match="data.weights.math"):
+        DataConfig.from_dict({"weights": {"code": 1.0, "math": "0.1"}})
+    with pytest.raises(TypeError, match="data.weights"):
+        DataConfig.from_dict({"weights": [1.0]})
+    with pytest.raises(ValueError, match="positive"):
+        DataConfig.from_dict({"weights": {"code": 0, "math": 0.0}})
+
+
+@pytest.mark.parametrize("vocab", [257, True, 300.0, "400"])
+def test_corpus_config_checks_vocab_size_before_walking(tmp_path, vocab):
+    cfg = CodeCorpusConfig(roots=[str(tmp_path / "missing")], vocab_size=vocab)
+    with pytest.raises(ValueError, match="vocab_size"):      # raised before the roots are even resolved
+        build_code_corpus(cfg, tmp_path, progress=False)

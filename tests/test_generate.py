@@ -4,6 +4,7 @@ import torch
 
 from twosimplicial.generate import generate
 from twosimplicial.layers.attention import Attention
+from twosimplicial.layers.cache import WindowCache
 from twosimplicial.layers.two_simplicial import TwoSimplicialAttention
 from twosimplicial.models import ModelConfig, TwoSimplicialLM
 from twosimplicial.ops.decode import decode_two_simplicial_attention
@@ -138,6 +139,27 @@ def test_generation_past_max_seq_len_slides_the_window():
     torch.testing.assert_close(la[:, -1], model(a[:, -13:-1])[0][:, -1], rtol=1e-10, atol=1e-10)
 
 
+def test_window_cache_memory_is_bounded_and_decode_copies_once():
+    w1, w2 = 4, 3
+    cache = WindowCache(w1, w2)
+    fused = torch.randn(2, 100, 4, 4 * 8)                       # a long prefill, each tensor a view of one projection
+    k1, v1, k2, v2 = fused.split(8, dim=-1)
+    out = cache.append(k1, v1, k2, v2)
+    assert all(o is t for o, t in zip(out, (k1, v1, k2, v2)))
+    full = [k1, v1, k2, v2]
+    for step in range(5):
+        for name, t, w in zip(("k1", "v1", "k2", "v2"), full, (w1, w1, w2, w2)):
+            c = getattr(cache, name)
+            assert torch.equal(c, t[:, -(w - 1):])
+            assert c.untyped_storage().nbytes() <= 2 * c.numel() * c.element_size()   # no long tensor pinned
+        new = [torch.randn(2, 1, 4, 8) for _ in range(4)]
+        out = cache.append(*new)
+        full = [torch.cat([t, n], 1) for t, n in zip(full, new)]
+        for o, t, w in zip(out, full, (w1, w1, w2, w2)):
+            assert torch.equal(o, t[:, -w:])                       # cached past + the new position
+        assert cache.k1.untyped_storage().data_ptr() == out[0].untyped_storage().data_ptr()  # kept as a view
+
+
 def test_model_cache_api():
     model = TwoSimplicialLM(tiny(simplicial_every=2, w1=4, w2=3))
     model.eval()
@@ -159,6 +181,21 @@ def test_model_cache_api():
     assert model.training                                      # generate restores the mode
 
 
+def test_generate_restores_train_mode_when_a_step_raises(monkeypatch):
+    model = TwoSimplicialLM(tiny(simplicial_every=2, w1=4, w2=3))
+    model.train()
+    seen = []
+
+    def boom(*args, **kwargs):
+        seen.append(model.training)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 2)
+    assert seen == [False] and model.training                 # ran in eval mode, left in train mode
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(idx=torch.zeros(1, 3)), "idx"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
@@ -170,3 +207,17 @@ def test_generate_rejects_bad_arguments(kw, match):
     args = dict(idx=torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2) | kw
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
+
+
+def test_decode_op_rejects_bad_inputs():
+    from twosimplicial.ops.decode import decode_two_simplicial_attention as decode
+    q = torch.randn(1, 1, 2, 4)
+    k = torch.randn(1, 3, 1, 4)
+    with pytest.raises(TypeError, match="k1 has dtype"):
+        decode(q, k.double(), k, k, k)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        decode(q, k, k, k, k, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        decode(q, k, k, k, k, scale="0.5")
+    with pytest.raises(ValueError, match="form must be one of"):
+        decode(q, k, k, k, k, form="x")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from twosimplicial.models import ModelConfig, TwoSimplicialLM
 from twosimplicial.train import (
-    TrainConfig, _param_groups, apply_overrides, latest_checkpoint, load_config, lr_lambda, parse_value, train,
+    TrainConfig, _param_groups, _truncate_metrics, apply_overrides, latest_checkpoint, load_config, lr_lambda, parse_value, train,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,35 @@ def test_config_overrides_and_validation(tmp_path):
         train_config(c)
     with pytest.raises(ValueError, match="train.max_steps"):
         train(tiny_lm_config(tmp_path, max_steps=0))
+
+
+def test_run_table_is_validated(tmp_path):
+    cfg = tiny_lm_config(tmp_path)
+    cfg["run"]["sede"] = 3
+    with pytest.raises(ValueError, match=r"\[run\] keys \['sede'\]"):
+        train(cfg)
+    for bad in ("1", 1.5, True):
+        cfg = tiny_lm_config(tmp_path)
+        cfg["run"]["seed"] = bad
+        with pytest.raises(TypeError, match="run.seed"):
+            train(cfg)
+    assert not (tmp_path / "run").exists()                       # rejected before anything was written
+
+
+def test_fresh_start_replaces_metrics_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    cfg = tiny_lm_config(tmp_path, max_steps=8, ckpt_interval=0, eval_interval=0, stop_at_step=3)
+    train(cfg)
+    assert latest_checkpoint(tmp_path / "run") is None
+    train(cfg)                                                  # no checkpoint: a fresh start, not a resume
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_resume_drops_a_half_written_metrics_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st')
+    _truncate_metrics(path, 2)
+    assert [json.loads(ln) for ln in path.read_text().splitlines()] == rows[:2]
 
 
 def test_loss_falls_when_overfitting_a_tiny_batch():

@@ -39,14 +39,14 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     import torch
 
+    from .data import CodeCorpus
     from .generate import generate
     from .train import load_model
-    from .data import load_tokenizer
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_model(args.run_dir, device)
     if cfg["data"]["task"] != "lm":
         raise SystemExit(f"{args.run_dir} is a {cfg['data']['task']!r} run: generate needs a language model")
-    tok = load_tokenizer(f"{cfg['corpus_dir']}/tokenizer.json")
+    tok = CodeCorpus(cfg["corpus_dir"]).tokenizer              # the manifest names the tokenizer file
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise SystemExit("--prompt must not be empty")

@@ -125,9 +125,10 @@ def run_demo(size: str = "cpu", out_dir: str | os.PathLike = "runs/demo", steps:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sz = SIZES[size]
-    steps = steps or sz["steps"]
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps is None:
+        steps = sz["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be None (size default) or an int >= 1, got {steps!r}")
     out = Path(out_dir)
     for name in ("dot", "2-simplicial"):             # an earlier demo's runs (only directories this demo made)
         if (out / name / "config.json").is_file():

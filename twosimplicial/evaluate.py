@@ -92,6 +92,12 @@ def humaneval_pairs(tok) -> list | None:
 
 def evaluate_run(run_dir, out=None, device: str = "auto", max_tokens: int = 200_000, math_problems_n: int = 200,
                  match3_batches: int = 20, humaneval: bool = True, batch_size: int = 8) -> dict:
+    for name, v in (("max_tokens", max_tokens), ("math_problems_n", math_problems_n),
+                    ("match3_batches", match3_batches), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not isinstance(humaneval, bool):
+        raise TypeError(f"humaneval must be a bool, got {humaneval!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_model(run_dir, device)

@@ -59,18 +59,19 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperatu
     model.eval()
     cache = model.new_cache() if use_cache else None
     step_logits = []
-    for _ in range(max_new_tokens):
-        if cache is not None and cache.pos > 0 and cache.pos < max_len:
-            logits, _ = model(idx[:, -1:], cache=cache)                 # one new position
-        else:
-            ctx = idx[:, -max_len:]                                    # prefill, no cache, or a sliding window
-            if cache is not None:
-                cache.reset()
-            logits, _ = model(ctx, cache=cache)
-        last = logits[:, -1]
-        step_logits.append(last)
-        idx = torch.cat([idx, _sample(last, temperature, top_k, generator)], dim=1)
-    model.train(was_training)
+    try:
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.pos >= max_len:
+                cache = None                   # sliding from here on: nothing cached can be reused
+            if cache is not None and cache.pos > 0:
+                logits, _ = model(idx[:, -1:], cache=cache)             # one new position
+            else:
+                logits, _ = model(idx[:, -max_len:], cache=cache)       # prefill, no cache, or a sliding window
+            last = logits[:, -1]
+            step_logits.append(last)
+            idx = torch.cat([idx, _sample(last, temperature, top_k, generator)], dim=1)
+    finally:
+        model.train(was_training)
     if return_logits:
         V = model.config.output_size
         return idx, (torch.stack(step_logits, 1) if step_logits else idx.new_zeros(idx.shape[0], 0, V).float())

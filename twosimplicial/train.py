@@ -146,6 +146,18 @@ def load_config(path: str | os.PathLike | None = None, sets: list[str] | None = 
     return apply_overrides(cfg, sets or [])
 
 
+def check_run(cfg: dict) -> None:
+    """Validate the ``[run]`` table: only the keys of ``DEFAULTS["run"]``, an int seed, a path out_dir."""
+    run = cfg["run"]
+    unknown = set(run) - set(DEFAULTS["run"])
+    if unknown:
+        raise ValueError(f"unknown [run] keys {sorted(unknown)}; known: {sorted(DEFAULTS['run'])}")
+    if isinstance(run["seed"], bool) or not isinstance(run["seed"], int):
+        raise TypeError(f"run.seed must be an int, got {run['seed']!r}")
+    if not isinstance(run["out_dir"], (str, os.PathLike)):
+        raise TypeError(f"run.out_dir must be a path string, got {run['out_dir']!r}")
+
+
 def train_config(cfg: dict) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     unknown = set(cfg["train"]) - names
@@ -347,12 +359,20 @@ def _param_groups(model, weight_decay):
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:           # blank, or a half-written last line of a killed run
+            continue
+        if rec["step"] <= step:
+            keep.append(ln)
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def train(cfg: dict, resume: bool = False) -> dict:
     """Run (or resume) the training described by ``cfg`` (see ``load_config``); returns a summary."""
+    check_run(cfg)
     t = train_config(cfg)
     data_cfg = DataConfig.from_dict(dict(cfg["data"]))
     seed = cfg["run"]["seed"]
@@ -403,6 +423,8 @@ def train(cfg: dict, resume: bool = False) -> dict:
             _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), device)
         if d.main:
             _truncate_metrics(metrics_path, step)
+    elif d.main:
+        metrics_path.unlink(missing_ok=True)              # fresh start: drop the log of a run killed before its first checkpoint
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {**cfg, "data": asdict(data_cfg), "train": asdict(t), "model_resolved": mcfg.to_dict(),

@@ -58,6 +58,9 @@ class CodeCorpusConfig:
     tokenizer_sample_bytes: int = 16_000_000
 
     def validate(self) -> None:
+        v = self.vocab_size                       # 256 bytes + EOS + at least one merge (tokenizer.train_bpe)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 258:
+            raise ValueError(f"vocab_size must be an int >= 258, got {v!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         for name in ("max_bytes", "max_file_bytes", "tokenizer_sample_bytes"):
@@ -157,7 +160,7 @@ def build_code_corpus(cfg: CodeCorpusConfig, cache_dir: str | Path | None = None
         for path in split["train"]:
             text = _read(path)
             yield text
-            used += len(text)
+            used += len(text.encode())
             if cfg.tokenizer_sample_bytes and used >= cfg.tokenizer_sample_bytes:
                 return
 

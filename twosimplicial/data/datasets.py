@@ -47,10 +47,25 @@ class DataConfig:
         cfg = cls(**d)
         if cfg.task not in ("lm", "match3"):
             raise ValueError(f"data.task must be 'lm' or 'match3', got {cfg.task!r}")
-        if cfg.task == "match3" and cfg.match3_M == 0:
-            cfg.match3_M = balanced_modulus(cfg.match3_n)
+        if not isinstance(cfg.weights, dict):
+            raise TypeError(f"data.weights must be a table of source -> weight, got {cfg.weights!r}")
+        unknown = set(cfg.weights) - {"code", "math"}
+        if unknown:
+            raise ValueError(f"data.weights may name 'code' and 'math', got {sorted(unknown)}")
+        for k, v in cfg.weights.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"data.weights.{k} must be a number, got {v!r}")
+            if not v >= 0:
+                raise ValueError(f"data.weights.{k} must be >= 0, got {v!r}")
+        if cfg.task == "lm" and not sum(cfg.weights.values()) > 0:
+            raise ValueError(f"data.weights must give some source a positive weight, got {cfg.weights!r}")
         if cfg.task == "match3":
+            if "seq_len" in d and d["seq_len"] != cfg.match3_n:
+                raise ValueError(f"data.seq_len is data.match3_n for task 'match3': got seq_len={d['seq_len']!r}, "
+                                 f"match3_n={cfg.match3_n!r} (leave seq_len out)")
             cfg.seq_len = cfg.match3_n
+            if cfg.match3_M == 0:
+                cfg.match3_M = balanced_modulus(cfg.match3_n)
         return cfg
 
     def code_corpus_config(self) -> CodeCorpusConfig:
@@ -96,10 +111,7 @@ def make_data(cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1
     eos = corpus.eos_id
     train = {"code": TokenChunks(corpus.tokens("train"), cfg.seq_len, seed)}
     val = {"code": TokenChunks(corpus.tokens("val"), cfg.seq_len, seed, shuffle=False)}
-    weights = {k: v for k, v in cfg.weights.items() if v > 0}
-    unknown = set(weights) - {"code", "math"}
-    if unknown:
-        raise ValueError(f"data.weights may name 'code' and 'math', got {sorted(unknown)}")
+    weights = {k: v for k, v in cfg.weights.items() if v > 0}     # names and values checked in from_dict
     if "math" in weights:
         train["math"] = TokenChunks(math_token_stream(corpus.tokenizer, cfg.math_problems, seed, eos),
                                     cfg.seq_len, seed)

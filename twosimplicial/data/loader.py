@@ -100,10 +100,6 @@ class MixtureLoader:
         self.step += 1
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
     def epochs(self) -> dict[str, float]:
         """Fraction of an epoch each source has served (all ranks together)."""
         return {k: self.counters[k] / len(self.sources[k]) for k in self.names}

@@ -67,7 +67,13 @@ def balanced_modulus(n: int) -> int:
 
     The rate falls monotonically as ``M`` grows, so bisect on ``M`` and compare neighbours."""
     _check(n, 2)
-    rate = lambda M: positive_rate(n, M, samples=512).mean()  # noqa: E731
+    rates: dict[int, float] = {}                 # memo: the final lo/hi were already sampled by the bisection
+
+    def rate(M: int) -> float:
+        if M not in rates:
+            rates[M] = float(positive_rate(n, M, samples=512).mean())
+        return rates[M]
+
     lo, hi = 2, 2 * n * n + 2                     # rate(lo) >= 1/2 > rate(hi) for any n >= 1
     while hi - lo > 1:
         mid = (lo + hi) // 2

@@ -34,6 +34,16 @@ class DotCache:
         self.k = self.v = None
 
 
+def _last(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The last ``n`` positions of ``t [B, T, ...]``; a view when its storage is at most twice
+    their size (a decode step's fresh ``cat``), else a copy, so that a long prefill (or a
+    fused projection the tensor is a view of) is not kept alive: memory stays O(window)."""
+    kept = t[:, max(0, t.shape[1] - n):]
+    if kept.untyped_storage().nbytes() > 2 * kept.numel() * kept.element_size():
+        kept = kept.clone()
+    return kept
+
+
 @dataclass
 class WindowCache:
     w1: int
@@ -51,10 +61,8 @@ class WindowCache:
         if self.k1 is not None:
             k1, v1 = torch.cat([self.k1, k1], dim=1), torch.cat([self.v1, v1], dim=1)
             k2, v2 = torch.cat([self.k2, k2], dim=1), torch.cat([self.v2, v2], dim=1)
-        # copies, not views: a view would keep a long prefill's whole tensor alive
-        keep1, keep2 = max(0, k1.shape[1] - self.w1 + 1), max(0, k2.shape[1] - self.w2 + 1)
-        self.k1, self.v1 = k1[:, keep1:].clone(), v1[:, keep1:].clone()
-        self.k2, self.v2 = k2[:, keep2:].clone(), v2[:, keep2:].clone()
+        self.k1, self.v1 = _last(k1, self.w1 - 1), _last(v1, self.w1 - 1)
+        self.k2, self.v2 = _last(k2, self.w2 - 1), _last(v2, self.w2 - 1)
         return k1, v1, k2, v2
 
     def clear(self) -> None:

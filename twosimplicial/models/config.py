@@ -34,7 +34,7 @@ class ModelConfig:
     # --- 2-simplicial layers (SPEC §1) ------------------------------------------
     simplicial_every: int = 0               # 0: none; k: layers k-1, 2k-1, ... are 2-simplicial (paper: 4)
     simplicial_heads: int | None = None     # None -> n_heads
-    simplicial_kv_heads: int | None = None  # None -> n_kv_heads
+    simplicial_kv_heads: int | None = None  # None -> gcd(n_kv_heads, simplicial_heads)
     simplicial_head_dim: int | None = None  # None -> head_dim
     w1: int = 512                           # window of (k1, v1): i - w1 < j <= i
     w2: int = 32                            # window of (k2, v2): i - w2 < k <= i
