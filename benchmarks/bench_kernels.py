@@ -40,11 +40,6 @@ from twosimplicial.ops import two_simplicial_attention
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention
 from twosimplicial.ops.triton_fwd import two_simplicial_fwd
 
-try:
-    from twosimplicial.ops.triton_bwd import two_simplicial_bwd  # noqa: F401
-    HAS_BWD = True
-except ImportError:
-    HAS_BWD = False
 
 BASE = {  # name: (B, S, Hq, Hkv, D, w1, w2, form, with_bwd)
     "gqa64": (2, 8192, 64, 1, 128, 512, 32, "trilinear", True),
@@ -98,7 +93,7 @@ def run_case(name, spec, impls, gen):
     flops = 4 * D * n_triples(S, w1, w2) * B * Hq
     if "twosimplicial" in impls:
         f = lambda *a: two_simplicial_attention(*a, w1, w2, form=form, backend="triton")
-        fwd_ms, bwd_ms = time_fwd_bwd(f, (q, k1, v1, k2, v2), do, with_bwd and HAS_BWD)
+        fwd_ms, bwd_ms = time_fwd_bwd(f, (q, k1, v1, k2, v2), do, with_bwd)
         rows.append(row(name, "twosimplicial", fwd_ms, bwd_ms, flops))
     if "torch" in impls and Hq == Hkv and form == "trilinear":
         f = lambda *a: chunked_two_simplicial_attention(*a, w1, w2, 1 / math.sqrt(D))[0]
