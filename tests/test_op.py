@@ -197,4 +197,4 @@ def test_memory_stays_bounded():
     env = dict(os.environ, OMP_NUM_THREADS="2")
     run = lambda c: int(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True, env=env).stdout)
     extra_mib = (run(code) - run(base_code)) / 1024
-    assert extra_mib < 200, f"peak extra memory {extra_mib:.0f} MiB"
+    assert extra_mib < 256, f"peak extra memory {extra_mib:.0f} MiB"   # measured ~140
