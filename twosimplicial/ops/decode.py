@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .chunked import _compute_dtype
 from .determinant import determinant_to_trilinear
 from .interface import FORMS, _check_scale
 
@@ -61,7 +62,7 @@ def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="tril
     if form == "determinant":
         q, k1, k2 = determinant_to_trilinear(q, k1, k2)
 
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = _compute_dtype(q.dtype)
     G = Hq // Hkv
     qg = q.to(dt).reshape(B, Hkv, G, 1, -1)                       # [B, Hkv, G, 1, D']
     k1h, v1h = k1.to(dt).transpose(1, 2), v1.to(dt).transpose(1, 2)  # [B, Hkv, L1, .]
