@@ -102,6 +102,7 @@ def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
     scale = 1.0 / math.sqrt(D)
     out, lse = fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale)
     flops = 2.5 * 4 * D * n_triples(S, w1, w2) * B * Hq
+    first = None
     for cname, cfg in configs:
         bwd = two_simplicial_bwd
         if cfg and "module" in cfg:   # another version of triton_bwd.py (a file path), for A/B runs
@@ -110,14 +111,21 @@ def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
             cfg = cfg or None
         fn = lambda: bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, False, config=cfg)
         try:
+            grads = fn()
+            if first is None:
+                first, diff = grads, 0.0
+            else:   # every variant must compute what the first one does (bf16 rounding apart)
+                diff = max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(grads, first))
+            del grads
             ms = triton.testing.do_bench(fn, warmup=100, rep=600, return_mode="median")
             kt = kernel_times(fn)
         except Exception as e:
             print(name, cname, "FAILED", repr(e)[:300], flush=True)
             continue
         rows.append(dict(kind="time", case=name, impl=f"twosimplicial[{cname}]", bwd_ms=ms,
-                         bwd_tflops=flops / ms / 1e9, kernels=kt))
-        print(f"{name:8s} {cname:28s} {ms:9.2f} ms {flops / ms / 1e9:7.1f} TFLOP/s {kt}", flush=True)
+                         bwd_tflops=flops / ms / 1e9, kernels=kt, rel_diff_vs_first=diff))
+        print(f"{name:8s} {cname:28s} {ms:9.2f} ms {flops / ms / 1e9:7.1f} TFLOP/s (vs first {diff:.1e}) {kt}",
+              flush=True)
     # cuDNN SDPA backward, FLOP-matched: q length S, kv length w1 * w2, same heads and D
     from torch.nn.attention import sdpa_kernel, SDPBackend
     L = w1 * w2

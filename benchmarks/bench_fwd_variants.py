@@ -36,7 +36,37 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "3st": dict(num_stages=3),
     "3st-pf": dict(num_stages=3, prefetch_vs=True),
     "bn64-2st-pf": dict(block_n=64, num_stages=2, prefetch_vs=True),
+    # big-window key blocks through the copy engine (TMA descriptors)
+    "notma": dict(tma=False),
+    "tma": dict(tma=True),
+    "merge": dict(merge_dot=True),
+    "merge-split": dict(merge_dot=True, merge_split=True),
+    "tma-4st": dict(tma=True, num_stages=4),
+    "tma-bn128": dict(tma=True, block_n=128, num_stages=2),
+    "tma-m128-bn128": dict(tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2),
+    "tma-m128": dict(tma=True, block_m=128, num_warps=8, num_stages=3),
 }
+
+
+def report_kernels():
+    """Registers, spills and shared memory of every forward kernel compiled so far, and what
+    ptxas -v says about them (C7514: serialised wgmma)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from twosimplicial.ops.triton_fwd import _kernel
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    for caches in _kernel(False).device_caches.values():
+        for key, k in caches[0].items():
+            line = (f"kernel regs {k.n_regs} spills {k.n_spills} smem {k.metadata.shared} "
+                    f"warps {k.metadata.num_warps} stages {k.metadata.num_stages} key {str(key)[-160:]}")
+            with tempfile.TemporaryDirectory() as d:
+                open(f"{d}/k.ptx", "w").write(k.asm["ptx"])
+                r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.o"],
+                                   capture_output=True, text=True)
+                notes = [x.strip() for x in (r.stdout + r.stderr).splitlines() if "C75" in x or "spill" in x]
+            print(line, "|", " ; ".join(notes)[:300], flush=True)
 
 
 def n_triples(S, w1, w2):
@@ -53,10 +83,13 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def check(variants, gen):
+CHECK_SHAPES = ((1, 1500, 8, 1, 128, 128, 512, 32), (2, 1100, 4, 4, 128, 128, 300, 20),
+                (1, 700, 6, 2, 96, 96, 17, 130), (1, 900, 4, 4, 254, 128, 512, 32))
+
+
+def check(variants, gen, shapes=CHECK_SHAPES):
     """bf16 out / lse against float64 on reduced shapes (GQA and MHA, windows not multiples of 64)."""
-    for B, S, Hq, Hkv, D, Dv, w1, w2 in ((1, 1500, 8, 1, 128, 128, 512, 32), (2, 1100, 4, 4, 64, 64, 300, 20),
-                                         (1, 700, 6, 2, 96, 96, 17, 130), (1, 900, 4, 4, 254, 128, 512, 32)):
+    for B, S, Hq, Hkv, D, Dv, w1, w2 in shapes:
         q = rand(B, S, Hq, D, gen=gen)
         k1, v1, k2, v2 = (rand(B, S, Hkv, d, gen=gen) for d in (D, Dv, D, Dv))
         scale = D ** -0.5
@@ -76,10 +109,11 @@ def main():
     ap.add_argument("--variants", default="default", help="comma-separated names of VARIANTS")
     ap.add_argument("--cases", default="gqa64,mha", help="comma-separated case[:variant+variant...] names")
     ap.add_argument("--rep", type=int, default=300, help="do_bench repeat time in ms")
+    ap.add_argument("--quick-check", action="store_true", help="check on the first two shapes only")
     args = ap.parse_args()
     variants = {n: VARIANTS[n] for n in args.variants.split(",")}
     gen = torch.Generator(device="cuda").manual_seed(0)
-    check(variants, gen)
+    check(variants, gen, CHECK_SHAPES[:2] if args.quick_check else CHECK_SHAPES)
     table = []
     for spec in args.cases.split(","):
         case, _, names = spec.partition(":")
@@ -115,6 +149,7 @@ def main():
         table.append((case, "sdpa-cudnn", ms, 4 * S * L * Dm * Hq * B / ms / 1e9, math.nan))
         del sq, sk, sv
         torch.cuda.empty_cache()
+    report_kernels()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     ref = {c: tf for c, n, _, tf, _ in table if n == "sdpa-cudnn"}
     print(f"{'case':10s} {'variant':22s} {'ms':>8s} {'TFLOP/s':>8s} {'x cuDNN':>8s}")
