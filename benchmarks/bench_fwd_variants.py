@@ -39,8 +39,8 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     # big-window key blocks through the copy engine (TMA descriptors)
     "notma": dict(tma=False),
     "tma": dict(tma=True),
-    "merge": dict(merge_dot=True),
-    "merge-split": dict(merge_dot=True, merge_split=True),
+    "tma-bn32-168": dict(tma=True, block_n=32, num_stages=3, maxnreg=168),
+    "tma-bn32-4st": dict(tma=True, block_n=32, num_stages=4),
     "tma-4st": dict(tma=True, num_stages=4),
     "tma-bn128": dict(tma=True, block_n=128, num_stages=2),
     "tma-m128-bn128": dict(tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2),

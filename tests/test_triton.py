@@ -62,13 +62,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}S{}Hq{}Hkv{}D{}Dv{}w{}x{}".format(*c))
-def test_forward_matches_reference_fp32(case):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("case", CASES + [(3, 40, 2, 2, 16, 16, 30, 3), (2, 33, 4, 1, 32, 32, 33, 4)],
+                         ids=lambda c: "B{}S{}Hq{}Hkv{}D{}Dv{}w{}x{}".format(*c))
+def test_forward_matches_reference_fp32(case, tma):
+    """Both ways of loading the big-window key blocks: pointer loads, and copy-engine (TMA)
+    descriptors (the GPU default; rows outside the sequence and batch come back as zeros)."""
     B, S, Hq, Hkv, D, Dv, w1, w2 = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     inputs = make(B, S, Hq, Hkv, D, Dv, gen=gen)
     scale = 1 / math.sqrt(D)
-    out, lse = two_simplicial_fwd(*inputs, w1, w2, scale, allow_tf32=False)
+    out, lse = two_simplicial_fwd(*inputs, w1, w2, scale, allow_tf32=False, config=dict(tma=tma))
     ro, rl = ref64(*inputs, w1, w2, scale)
     assert out.shape == (B, S, Hq, Dv) and out.dtype == torch.float32
     assert lse.shape == (B, Hq, S) and lse.dtype == torch.float32
@@ -86,6 +90,17 @@ def test_forward_other_configs(config):
     out, lse = two_simplicial_fwd(*inputs, 9, 5, 0.25, False, config=config)
     ro, rl = ref64(*inputs, 9, 5, 0.25)
     assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5
+
+
+def test_tma_descriptor_only_where_the_copy_engine_can_read():
+    from twosimplicial.ops.triton_fwd import _kv_desc
+    x = torch.randn(2, 9, 3, 32)
+    d = _kv_desc(x, 16)
+    assert d is not None and list(d.shape) == [2, 9, 96] and list(d.block_shape) == [1, 16, 32]
+    assert _kv_desc(torch.randn(2, 9, 3, 48), 16) is None            # head dim not a power of two
+    assert _kv_desc(torch.randn(2, 9, 3, 64)[..., :32], 16) is None  # heads not packed
+    assert _kv_desc(torch.randn(2, 9, 3, 32)[:, :, :, :], 16) is not None
+    assert _kv_desc(torch.randn(2, 9 * 3 * 32 + 1)[:, 1:].view(2, 9, 3, 32), 16) is None   # unaligned base
 
 
 def test_forward_fp16_and_x30_inputs():

@@ -75,7 +75,7 @@ def _two_simplicial_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, P: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
     DOT_PREC: tl.constexpr, ONE_CHUNK: tl.constexpr, PREFETCH_VS: tl.constexpr, INT64_IDX: tl.constexpr,
-    USE_TMA: tl.constexpr, MERGE_DOT: tl.constexpr, MERGE_SPLIT: tl.constexpr, QM: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = D == BLOCK_D
     EVEN_DV: tl.constexpr = DV == BLOCK_DV
@@ -121,11 +121,10 @@ def _two_simplicial_fwd_kernel(
     tail_hi = hi - n_main * BLOCK_N                # keys [lo, tail_hi) are left for the masked tail
     n_tail = (tl.maximum(tail_hi - lo, 0) + BLOCK_N2 - 1) // BLOCK_N2
 
-    # running merge (2) per query, in base 2 (QN >= NQ rows: the product form pads to 16)
-    QN: tl.constexpr = QM if MERGE_DOT else NQ
-    M_q = tl.full([QN], -1.0e30, tl.float32)
-    L_q = tl.full([QN], 0.0, tl.float32)
-    O_q = tl.full([QN, BLOCK_DV], 0.0, tl.float32)
+    # running merge (2) per query, in base 2
+    M_q = tl.full([NQ], -1.0e30, tl.float32)
+    L_q = tl.full([NQ], 0.0, tl.float32)
+    O_q = tl.full([NQ, BLOCK_DV], 0.0, tl.float32)
 
     if ONE_CHUNK:                                  # ws <= T: a constant trip count lets the compiler
         n_chunk = 1                                # drop the chunk loop (and its registers) entirely
@@ -205,25 +204,11 @@ def _two_simplicial_fwd_kernel(
         y = tl.where(row_ok[:, None], acc * vs_rows, 0.0)
         m_r = tl.where(row_ok, m_i, -1.0e30)
         l_r_sum = tl.where(row_ok, l_i, 0.0)
-        if MERGE_DOT:
-            # one small matrix product: row q of W holds the weights 2^(m_r - m_c[q]) of the rows r
-            # of query q (r // T == q) and zeros elsewhere, so O_c = W y sums each query's offsets
-            qm = tl.arange(0, QM)
-            own = (r // T)[None, :] == qm[:, None]                              # [QM, BLOCK_M]
-            m_c = tl.reduce(tl.where(own, m_r[None, :], -1.0e30), 1, _MAX)     # max over the offsets
-            w = tl.math.exp2(tl.where(own, m_r[None, :] - m_c[:, None], float("-inf")))
-            L_c = tl.reduce(w * l_r_sum[None, :], 1, _SUM)
-            dt = kb_ptr.dtype.element_ty
-            y_hi = y.to(dt)
-            O_c = tl.dot(w.to(dt), y_hi, input_precision=DOT_PREC)
-            if MERGE_SPLIT:                                # y = hi + lo: ~16 mantissa bits for 16-bit inputs
-                O_c += tl.dot(w.to(dt), (y - y_hi.to(tl.float32)).to(dt), input_precision=DOT_PREC)
-        else:
-            m3 = tl.reshape(m_r, [NQ, T])
-            m_c = tl.reduce(m3, 1, _MAX)                          # max over the chunk's offsets
-            a3 = tl.math.exp2(m3 - m_c[:, None])
-            L_c = tl.reduce(a3 * tl.reshape(l_r_sum, [NQ, T]), 1, _SUM)
-            O_c = tl.reduce(tl.reshape(y, [NQ, T, BLOCK_DV]) * a3[:, :, None], 1, _SUM)
+        m3 = tl.reshape(m_r, [NQ, T])
+        m_c = tl.reduce(m3, 1, _MAX)                          # max over the chunk's offsets
+        a3 = tl.math.exp2(m3 - m_c[:, None])
+        L_c = tl.reduce(a3 * tl.reshape(l_r_sum, [NQ, T]), 1, _SUM)
+        O_c = tl.reduce(tl.reshape(y, [NQ, T, BLOCK_DV]) * a3[:, :, None], 1, _SUM)
         # fold into the running merge across chunks
         M_new = tl.maximum(M_q, m_c)
         a_old = tl.math.exp2(M_q - M_new)
@@ -233,10 +218,10 @@ def _two_simplicial_fwd_kernel(
         M_q = M_new
 
     # ---- epilogue: out = O / L, lse = (M + log2 L) ln 2 ----------------------------------------
-    qq = tl.arange(0, QN)
+    qq = tl.arange(0, NQ)
     i_q = i0 + qq // G
     hl_q = hblk * G + qq % G
-    ok_q = (i_q < S) & (hl_q < GKV) & (qq < NQ)
+    ok_q = (i_q < S) & (hl_q < GKV)
     h_q = hk * GKV + hl_q
     L_safe = tl.where(L_q > 0.0, L_q, 1.0)
     o = O_q / L_safe[:, None]
@@ -279,7 +264,7 @@ def pack_rows(block_m: int, gkv: int, ws: int) -> tuple[int, int, int]:
 def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int | None = None,
                block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                maxnreg: int | None = None, prefetch_vs: bool | None = None, int64_idx: bool = False,
-               tma: bool | None = None, merge_dot: bool = False, merge_split: bool = False) -> dict:
+               tma: bool | None = None) -> dict:
     """Launch configuration. Defaults measured on an H100 (benchmarks/NOTES.md): 64 rows and 4
     warps (one warpgroup) beat 128 rows and 8 warps by ~20%, because two such programs fit on an
     SM and overlap one's softmax with the other's matrix products. A small window wider than the
@@ -298,8 +283,7 @@ def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int
     block_n = max(block_n or dflt[1], P)           # the masking scheme needs P <= BLOCK_N
     cfg = dict(BLOCK_N=block_n, P=P, G=G, T=T, num_warps=num_warps or dflt[2], num_stages=num_stages or dflt[3],
                prefetch_vs=bool(prefetch_vs) if prefetch_vs is not None else (not interpret and max(D, Dv) <= 128),
-               int64_idx=int64_idx, tma=bool(tma) if tma is not None else not interpret,
-               merge_dot=merge_dot, merge_split=merge_split)
+               int64_idx=int64_idx, tma=bool(tma) if tma is not None else not interpret)
     if maxnreg:
         cfg["maxnreg"] = maxnreg
     return cfg
@@ -370,8 +354,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         BLOCK_N=cfg["BLOCK_N"], BLOCK_N2=block_n2,
         P=P, G=G, T=cfg["T"], DOT_PREC=prec, ONE_CHUNK=ws <= cfg["T"], PREFETCH_VS=cfg["prefetch_vs"],
         INT64_IDX=cfg["int64_idx"] or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-        USE_TMA=use_tma, MERGE_DOT=cfg["merge_dot"], MERGE_SPLIT=cfg["merge_split"],
-        QM=max(16, _pow2(P * G)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        USE_TMA=use_tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
     )
     return out, lse
