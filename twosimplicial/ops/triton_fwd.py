@@ -39,6 +39,12 @@ every row's window and run without a mask; what is left (the left edge of the wi
 in narrow blocks of ``BLOCK_N2`` keys, so a tile with ``wb`` a multiple of ``BLOCK_N``
 computes ``wb + BLOCK_N2`` keys per row rather than ``wb + BLOCK_N``.
 
+Loads. On the GPU the key blocks come through the copy engine (TMA): one descriptor per
+tensor over the 3-D view ``[B, S, Hkv * D]`` with ``[1, BLOCK_N, D]`` blocks, whose rows outside
+``[0, S)`` read as zeros (then masked), so the loop computes no addresses (+6-7% on an H100,
+benchmarks/NOTES.md). Tensors the copy engine cannot read (head dim not a power of two >= 16,
+heads not packed, not 16-byte aligned) take pointer loads with indices clamped into the sequence.
+
 Numerics: fp32 accumulation; masked logits are -inf but the running max starts at a finite
 -1e30, so a row that sees only masked keys gets ``p = 2^-inf = 0`` rather than NaN, and
 rows that do not exist (offset past ``i`` or ``ws``, head or position out of range) are
