@@ -344,8 +344,8 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     else:
         prec = "tf32"                              # ignored for 16-bit operands
     block_n2 = min(cfg["BLOCK_N"], max(16, _pow2(P - 1)))
-    descs = [_kv_desc(t, n) for n in (cfg["BLOCK_N"], block_n2) for t in (kb, vb)]
-    use_tma = cfg["tma"] and all(d is not None for d in descs)
+    descs = [_kv_desc(t, n) for n in (cfg["BLOCK_N"], block_n2) for t in (kb, vb)] if cfg["tma"] else [None]
+    use_tma = all(d is not None for d in descs)
     _kernel(interpret)[grid](
         q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse,
         q.stride(0), q.stride(1), q.stride(2),
