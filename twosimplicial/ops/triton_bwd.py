@@ -69,6 +69,28 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
+                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                S, HQ, qk_scale, dd, ee, dmask, emask):
+    """A tile's per-row inputs (both kernels): z = q_i * k_s[l] * scale * log2(e) (logits in
+    log2 units), dO' = dO_i * v_s[l] (in the input dtype), Lse_i * log2(e) and Delta_i.
+    Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
+    q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
+                mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
+                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
+                 mask=rvalid[:, None] & emask[None, :], other=0.0)
+    vs = tl.load(VS + b * svsb + l[:, None] * svss + g * svsh + ee[None, :],
+                 mask=rvalid[:, None] & emask[None, :], other=0.0)
+    lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
+    dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
+    z = (q.to(tl.float32) * ks.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)
+    dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
+    return z, dop, lse2, dlt
+
+
+@triton.jit
 def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, jvalid, r,
                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
@@ -84,20 +106,9 @@ def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, 
     t = t0 + tt
     l = ii - t
     rvalid = ((h0 + hh) < G) & (ii < S) & (t < WS) & (l >= 0)
-    q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
-                mask=rvalid[:, None] & dmask[None, :], other=0.0)
-    ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
-                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
-    do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
-                 mask=rvalid[:, None] & emask[None, :], other=0.0)
-    vs = tl.load(VS + b * svsb + l[:, None] * svss + g * svsh + ee[None, :],
-                 mask=rvalid[:, None] & emask[None, :], other=0.0)
-    # rows outside the problem: lse = inf gives P = 0 there
-    lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
-    dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
-    # z = q_i * k_s[l] * scale * log2(e) (logits in log2 units); dO' = dO_i * v_s[l]
-    z = (q.to(tl.float32) * ks.to(tl.float32) * qk_scale).to(kb.dtype)
-    dop = (do.to(tl.float32) * vs.to(tl.float32)).to(kb.dtype)
+    z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
+                                    sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                    S, HQ, qk_scale, dd, ee, dmask, emask)
     # S^T = k_b z^T;  P^T = exp2(S^T - Lse_i log2 e), zero outside the windows
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
@@ -270,20 +281,10 @@ def _bwd_rows(
             t = t0 + tt
             l = ii - t
             rvalid = hvalid & (ii < S) & (t < WS) & (l >= 0)
-            q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
-                        mask=rvalid[:, None] & dmask[None, :], other=0.0)
-            ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
-                         mask=rvalid[:, None] & dmask[None, :], other=0.0)
-            do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
-                         mask=rvalid[:, None] & emask[None, :], other=0.0)
-            vs = tl.load(VS + b * svsb + l[:, None] * svss + g * svsh + ee[None, :],
-                         mask=rvalid[:, None] & emask[None, :], other=0.0)
-            lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
-            dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
-            # z = q_i * k_s[l] * scale * log2(e); dO' = dO_i * v_s[l]: built once per tile,
-            # used against every key block of the big window
-            z = (q.to(tl.float32) * ks.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)
-            dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
+            # built once per tile, used against every key block of the big window
+            z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
+                                            sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                            S, HQ, qk_scale, dd, ee, dmask, emask)
             dz = tl.full([BM, D_PAD], 0.0, tl.float32)
             acc = tl.full([BM, DV_PAD], 0.0, tl.float32)
             # Key blocks are anchored at the right end j_hi of the tile's keys: block k holds
@@ -378,18 +379,20 @@ _INTERPRETED = {}
 
 def _kernel(fn, device: torch.device):
     """The jitted kernel on CUDA; on CPU the same source under the Triton interpreter, with the
-    jitted helpers it calls (``_rows_block``) interpreted too (in a copy of the module's globals,
-    so the compiled path in the same process is untouched)."""
+    jitted helpers it calls (``_keys_tile``, ``_rows_block``, ``_row_inputs``) interpreted too
+    (in a copy of the module's globals, so the compiled path in the same process is untouched)."""
     if device.type == "cuda":
         return fn
     from triton.runtime.interpreter import InterpretedFunction
     if fn not in _INTERPRETED:
+        # every jitted function of the module, rebuilt over one shared copy of its globals, so
+        # helpers called from helpers are interpreted too
         env = dict(fn.fn.__globals__)
         for name, v in fn.fn.__globals__.items():
             if isinstance(v, triton.runtime.JITFunction):
-                env[name] = InterpretedFunction(v.fn)
-        f = types.FunctionType(fn.fn.__code__, env, fn.fn.__name__, fn.fn.__defaults__, fn.fn.__closure__)
-        _INTERPRETED[fn] = InterpretedFunction(f)
+                env[name] = InterpretedFunction(
+                    types.FunctionType(v.fn.__code__, env, v.fn.__name__, v.fn.__defaults__, v.fn.__closure__))
+        _INTERPRETED[fn] = env[fn.fn.__name__]
     return _INTERPRETED[fn]
 
 
