@@ -45,7 +45,28 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "tma-bn128": dict(tma=True, block_n=128, num_stages=2),
     "tma-m128-bn128": dict(tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2),
     "tma-m128": dict(tma=True, block_m=128, num_warps=8, num_stages=3),
+    # the tile's right-edge key (P == 2) by a masked narrow block instead of a per-row dot
+    "narrow": dict(edge_dot=False),
 }
+
+
+def variant(name):
+    """A config of VARIANTS, or ``file:PATH``: another copy of triton_fwd.py (carried to the
+    device) with its defaults, for A/B runs against an earlier version."""
+    if name.startswith("file:"):
+        return {"module": name[5:]}
+    return VARIANTS[name]
+
+
+def fwd_fn(cfg):
+    """(forward function, config) for a variant."""
+    if "module" not in cfg:
+        return two_simplicial_fwd, cfg
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fwd_" + str(abs(hash(cfg["module"]))), cfg["module"])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.two_simplicial_fwd, {k: v for k, v in cfg.items() if k != "module"}
 
 
 def report_kernels():
@@ -57,7 +78,7 @@ def report_kernels():
 
     from twosimplicial.ops.triton_fwd import _kernel
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    for caches in _kernel(False).device_caches.values():
+    for caches in _kernel(False).device_caches.values():   # this module's kernel only
         for key, k in caches[0].items():
             line = (f"kernel regs {k.n_regs} spills {k.n_spills} smem {k.metadata.shared} "
                     f"warps {k.metadata.num_warps} stages {k.metadata.num_stages} key {str(key)[-160:]}")
@@ -96,7 +117,8 @@ def check(variants, gen, shapes=CHECK_SHAPES):
         ro, rl = chunked_two_simplicial_attention(*(t.double() for t in (q, k1, v1, k2, v2)), w1, w2, scale)
         for name, cfg in variants.items():
             out = torch.full((B, S, Hq, Dv), float("nan"), device="cuda", dtype=torch.bfloat16)
-            o, lse = two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, False, config=cfg)
+            fwd, c = fwd_fn(cfg)
+            o, lse = fwd(q, k1, v1, k2, v2, w1, w2, scale, False, config=c)
             out.copy_(o)
             eo, el = rel(out, ro), rel(lse, rl)
             bad = not (eo < 1e-2 and el < 1e-2)
@@ -111,13 +133,13 @@ def main():
     ap.add_argument("--rep", type=int, default=300, help="do_bench repeat time in ms")
     ap.add_argument("--quick-check", action="store_true", help="check on the first two shapes only")
     args = ap.parse_args()
-    variants = {n: VARIANTS[n] for n in args.variants.split(",")}
+    variants = {n: variant(n) for n in args.variants.split(",")}
     gen = torch.Generator(device="cuda").manual_seed(0)
     check(variants, gen, CHECK_SHAPES[:2] if args.quick_check else CHECK_SHAPES)
     table = []
     for spec in args.cases.split(","):
         case, _, names = spec.partition(":")
-        case_variants = {n: VARIANTS[n] for n in names.split("+")} if names else variants
+        case_variants = {n: variant(n) for n in names.split("+")} if names else variants
         B, S, Hq, Hkv, D, Dv, w1, w2 = CASES[case]
         Dm = min(D, Dv)                                    # head dim the FLOPs (and cuDNN) use
         flops = 4 * Dm * n_triples(S, w1, w2) * B * Hq
@@ -125,7 +147,8 @@ def main():
         k1, v1, k2, v2 = (rand(B, S, Hkv, d, gen=gen) for d in (D, Dv, D, Dv))
         base = None
         for name, cfg in case_variants.items():
-            f = lambda: two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=cfg)
+            fwd, c = fwd_fn(cfg)
+            f = lambda: fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=c)
             try:
                 out = f()[0]
                 diff = 0.0 if base is None else rel(out, base)

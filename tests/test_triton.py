@@ -92,6 +92,24 @@ def test_forward_other_configs(config):
     assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5
 
 
+@pytest.mark.parametrize("edge_dot", [True, False], ids=["edge_dot", "narrow"])
+@pytest.mark.parametrize("case", [(1, 37, 2, 2, 16, 16, 20, 8), (2, 50, 2, 2, 16, 24, 8, 33), (1, 6, 1, 1, 16, 16, 7, 9),
+                                  (1, 30, 4, 2, 32, 16, 4, 11), (1, 21, 2, 1, 16, 16, 16, 3)],
+                         ids=lambda c: "B{}S{}Hq{}Hkv{}D{}Dv{}w{}x{}".format(*c))
+def test_forward_two_positions_per_tile(case, edge_dot):
+    """Tiles of two positions (P = 2: the MHA shape of the GPU defaults): the right-edge key
+    i0 + 1 either by a per-row dot product or by a masked narrow block; both load paths."""
+    B, S, Hq, Hkv, D, Dv, w1, w2 = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    inputs = make(B, S, Hq, Hkv, D, Dv, gen=gen)
+    from twosimplicial.ops.triton_fwd import fwd_config
+    assert fwd_config(Hq // Hkv, min(w1, w2, S), D, Dv, True)["P"] == 2
+    ro, rl = ref64(*inputs, w1, w2, 0.3)
+    for tma in (False, True):
+        out, lse = two_simplicial_fwd(*inputs, w1, w2, 0.3, False, config=dict(edge_dot=edge_dot, tma=tma))
+        assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5
+
+
 def test_tma_descriptor_only_where_the_copy_engine_can_read():
     from twosimplicial.ops.triton_fwd import _kv_desc
     x = torch.randn(2, 9, 3, 32)

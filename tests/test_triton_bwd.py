@@ -199,3 +199,20 @@ def test_tf32_gpu():
     got, ref, _ = _run(1, 1024, 4, 4, 64, 64, 256, 32, torch.float32, gen, _chunked, device="cuda",
                              allow_tf32=True)
     _assert_within(got, ref, 5e-3)
+
+
+@pytest.mark.parametrize("scale", [-0.4, 0.0])
+def test_negative_and_zero_scale(interpret, scale):
+    """The kernels build z = q * k_s and apply |scale| in the exp2 argument: a negative scale is
+    carried as -z, a zero one as 1e-30 (the same uniform softmax). Forward and all five
+    gradients against float64 autograd."""
+    from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+    gen = torch.Generator().manual_seed(11)
+    q, k1, v1, k2, v2, do = _inputs(1, 13, 4, 2, 16, 16, gen)
+    out, lse, ref = _reference(_naive, q, k1, v1, k2, v2, do, 9, 5, scale)
+    f32 = [x.float() for x in (q, k1, v1, k2, v2)]
+    o, l = two_simplicial_fwd(*f32, 9, 5, scale, False)
+    assert ((o.double() - out).norm() / out.norm()).item() < 1e-5
+    assert ((l.double() - lse).norm() / lse.norm()).item() < 1e-5
+    got = two_simplicial_bwd(do.float(), *f32, o, l, 9, 5, scale, False)
+    _assert_within(got, ref, 1e-4)

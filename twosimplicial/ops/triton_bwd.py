@@ -43,9 +43,11 @@ Extra memory: Delta ``[B, Hq, S]`` and the partial buffers, about
 
 Precision: products in the input dtype (bf16/fp16) with fp32 accumulation; fp32 inputs use
 tf32 tensor cores only when ``allow_tf32`` (``torch.backends.cuda.matmul.allow_tf32`` at the
-op level), else IEEE fp32 products. scale * log2(e) is folded into z so the kernels use exp2;
-its argument is clamped at 0 (P <= 1), so no input overflows it. z = q * k_s is rounded to the
-input dtype for the tensor cores, as in the forward: with bf16 inputs and logits of size ~1e4
+op level), else IEEE fp32 products. The logits are ``qk_scale * <z, k_b>`` in log2 units with
+z = q * k_s (``triton_fwd.z_scaling``: the sign of the scale rides on z) and the scale applied
+in the exp2 argument (one FFMA); that argument is clamped at 0 (P <= 1), so no input overflows
+it. z is rounded once to the input dtype for the tensor cores, exactly as in the forward (fp16
+needs |q_d k_s,d| < 65504): with bf16 inputs and logits of size ~1e4
 (inputs x30) that moves logits by ~10, so P (forward and backward alike) is only roughly right
 there, though finite. The rows kernel's 0/1-matrix sums run in bf16 on the GPU: one product
 (each term rounded to bf16, like z) for bf16 inputs, hi + lo parts (~16 bits) for fp16/fp32.
@@ -64,16 +66,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import LOG2E, _pow2
-LN2 = 0.6931471805599453
+from .triton_fwd import _pow2, z_scaling
 
 
 @triton.jit
 def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                S, HQ, qk_scale, dd, ee, dmask, emask):
-    """A tile's per-row inputs (both kernels): z = q_i * k_s[l] * scale * log2(e) (logits in
-    log2 units), dO' = dO_i * v_s[l] (in the input dtype), Lse_i * log2(e) and Delta_i.
+                S, HQ, dd, ee, dmask, emask, NEG_Z: tl.constexpr):
+    """A tile's per-row inputs (both kernels): z = q_i * k_s[l] (-z if NEG_Z; logits in log2
+    units are qk_scale * <z, k_b>, triton_fwd.z_scaling), dO' = dO_i * v_s[l] (both rounded once
+    to the input dtype: packed 16-bit multiplies), Lse_i * log2(e) and Delta_i.
     Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
     q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
@@ -85,7 +87,9 @@ def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
                  mask=rvalid[:, None] & emask[None, :], other=0.0)
     lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
     dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
-    z = (q.to(tl.float32) * ks.to(tl.float32) * qk_scale).to(Q.dtype.element_ty)
+    if NEG_Z:
+        ks = -ks
+    z = (q.to(tl.float32) * ks.to(tl.float32)).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
     return z, dop, lse2, dlt
 
@@ -95,7 +99,7 @@ def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, 
                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
                BH: tl.constexpr, BT: tl.constexpr, MASK: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, NEG_Z: tl.constexpr):
     """One row tile (positions i0 + p, heads h0 + hh, offsets t0 + tt; r = (p, hh, tt), offset
     fastest) against the program's key block: dk_b += dS^T z, dv_b += P^T dO'. MASK: keys
     outside a row's window are skipped; without it every key must be in every row's window."""
@@ -108,11 +112,11 @@ def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, 
     rvalid = ((h0 + hh) < G) & (ii < S) & (t < WS) & (l >= 0)
     z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
                                     sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                    S, HQ, qk_scale, dd, ee, dmask, emask)
-    # S^T = k_b z^T;  P^T = exp2(S^T - Lse_i log2 e), zero outside the windows
+                                    S, HQ, dd, ee, dmask, emask, NEG_Z)
+    # S^T = k_b z^T;  P^T = exp2(qk_scale S^T - Lse_i log2 e), zero outside the windows
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
-    pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))
+    pT = tl.math.exp2(tl.minimum(sT * qk_scale - lse2[None, :], 0.0))
     if MASK:
         valid = (rvalid[None, :] & jvalid[:, None] & (jj[:, None] <= ii[None, :])
                  & (jj[:, None] > ii[None, :] - WB))
@@ -135,7 +139,7 @@ def _bwd_big_keys(
     S, HQ, HKV, G, WS, WB, qk_scale, dk_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, NEG_Z: tl.constexpr,
 ):
     """dk_b, dv_b for keys [j0, j0 + BN) of one (batch, kv head): every virtual row that sees
     them (positions j0 <= i < j0 + BN - 1 + wb, all heads of the group, all offsets)."""
@@ -175,19 +179,19 @@ def _bwd_big_keys(
             dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
                                 (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
                                 svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
-                                BH, BT, True, PRECISION)
+                                BH, BT, True, PRECISION, NEG_Z)
         for it in range(m_a * n_t, m_c * n_t):
             dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
                                 (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
                                 svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
-                                BH, BT, False, PRECISION)
+                                BH, BT, False, PRECISION, NEG_Z)
         for it in range(m_c * n_t, m_end * n_t):
             dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
                                 (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
                                 svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
-                                BH, BT, True, PRECISION)
+                                BH, BT, True, PRECISION, NEG_Z)
 
-    # dk_b = scale * sum dS z_unscaled = scale / (scale * log2 e) * sum dS z = ln2 * dk
+    # dk_b = scale * sum dS (q * k_s) = |scale| * sum dS z  (z carries the sign of scale)
     dk = dk * dk_scale
     tl.store(DKB + b * sdkb + jj[:, None] * sdks + g * sdkh + dd[None, :],
              dk.to(DKB.dtype.element_ty), mask=jvalid[:, None] & dmask[None, :])
@@ -197,7 +201,7 @@ def _bwd_big_keys(
 
 @triton.jit
 def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                j0, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                j0, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
                 BN: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
     """One key block [j0, j0 + BN) of a row tile: dz += dS k_b (unscaled), acc += P v_b.
     MASK: keys outside [0, S) or outside a row's window are skipped; without it every key
@@ -212,10 +216,10 @@ def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svb
     else:
         kb = tl.load(KB + b * skbb + jj[:, None] * skbs + g * skbh + dd[None, :], mask=dmask[None, :], other=0.0)
         vb = tl.load(VB + b * svbb + jj[:, None] * svbs + g * svbh + ee[None, :], mask=emask[None, :], other=0.0)
-    # P = exp2(z k_b^T - Lse_i log2 e) inside both windows, else 0
+    # P = exp2(qk_scale z k_b^T - Lse_i log2 e) inside both windows, else 0
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     s = tl.dot(z, tl.trans(kb), input_precision=PRECISION)
-    p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+    p = tl.math.exp2(tl.minimum(s * qk_scale - lse2[:, None], 0.0))
     if MASK:
         valid = (rvalid[:, None] & (jj[None, :] >= 0) & (jj[None, :] <= ii[:, None])
                  & (jj[None, :] > ii[:, None] - WB))
@@ -239,6 +243,7 @@ def _bwd_rows(
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, LB: tl.constexpr, QB: tl.constexpr,
     PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr, DQ_SUM: tl.constexpr,
+    NEG_Z: tl.constexpr,
 ):
     """dq for positions [I0, I0 + NB) and heads of one head block; dk_s, dv_s partial sums."""
     pid_p = tl.program_id(0)
@@ -284,7 +289,7 @@ def _bwd_rows(
             # built once per tile, used against every key block of the big window
             z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
                                             sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                            S, HQ, qk_scale, dd, ee, dmask, emask)
+                                            S, HQ, dd, ee, dmask, emask, NEG_Z)
             dz = tl.full([BM, D_PAD], 0.0, tl.float32)
             acc = tl.full([BM, DV_PAD], 0.0, tl.float32)
             # Key blocks are anchored at the right end j_hi of the tile's keys: block k holds
@@ -298,15 +303,15 @@ def _bwd_rows(
             n_blk = (j_hi - j_lo + BN - 1) // BN
             for k in range(0, k_first):
                 dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
                                       BN, True, PRECISION)
             for k in range(k_first, k_int):
                 dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
                                       BN, False, PRECISION)
             for k in range(k_int, n_blk):
                 dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, dd, ee, dmask, emask,
+                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
                                       BN, True, PRECISION)
             dz = dz * scale
             # Reductions over rows, one at a time to keep few [BM, D] tensors live; q, k_s, dO
@@ -483,8 +488,8 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     BI, BH, BT, BN = cfg["BI"], cfg["BH"], cfg["BT"], cfg["BN"]
     D_PAD, DV_PAD = max(16, _pow2(D)), max(16, _pow2(DV))
     LB = max(16, _pow2(BI + BT - 1))
-    qk_scale = float(scale) * LOG2E
-    kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision)
+    neg_z, qk_scale = z_scaling(scale)        # the forward's rounding of z, so P is recomputed exactly
+    kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision, NEG_Z=neg_z)
     common = (*_strides(q), *_strides(ks), *_strides(vs), *_strides(kb), *_strides(vb), *_strides(do))
 
     dkb = torch.empty_like(kb)
@@ -492,7 +497,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     grid = (triton.cdiv(S, cfg["KBN"]), B * HKV)
     _kernel(_bwd_big_keys, q.device)[grid](
         q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, *common, *_strides(dkb), *_strides(dvb),
-        S, HQ, HKV, G, ws, wb, qk_scale, LN2, BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"], BN=cfg["KBN"],
+        S, HQ, HKV, G, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"], BN=cfg["KBN"],
         num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
 
     # rows kernel: NB positions per program, a multiple of BI and >= ws - 1 so that a slice

@@ -9,11 +9,11 @@ The operation is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``
 name the *small* window ``s`` (size ``ws``) and the *big* one ``b`` (size ``wb >= ws``).
 For a query ``i`` and an offset ``t in [0, ws)`` with ``l = i - t`` the *virtual query*
 
-    z[i,t] = q_i * k_s[l] * (scale * log2 e)                                    (1)
+    z[i,t] = q_i * k_s[l]                                                        (1)
 
 turns the logits into an ordinary dot product over the big window, in base 2:
 
-    logit[i, j, l] * log2 e = <z[i,t], k_b[j]>
+    logit[i, j, l] * log2 e = qk_scale * <z[i,t], k_b[j]>,   qk_scale = scale * log2 e
 
 so each virtual row ``(i, t)`` is one row of flash attention over ``k_b, v_b`` that keeps
 the running ``(m, l, acc)`` of online softmax (exp2 form). The ``ws`` rows of one query are
@@ -31,13 +31,16 @@ row ``r = ((p * G) + g) * T + t``. Every row of the tile reads the same ``k_b, v
 in chunks of ``T`` and folds each chunk into the running ``(M, L, out)`` of (2); nothing is
 written to memory but ``out`` and ``lse`` (no split buffers, no atomics: deterministic).
 
-Key blocks are anchored at the right edge ``hi = i0 + P`` of the tile and walk left:
-block ``k`` covers ``[hi - (k+1) BLOCK_N, hi - k BLOCK_N)``. Block 0 holds the causal edge
-(``j <= i``) and is masked; blocks ``1 <= k < (hi - max(0, hi - wb)) // BLOCK_N`` lie inside
-every row's window and run without a mask; what is left (the left edge of the window: the
-``P - 1`` keys that only some positions of the tile see, or the sequence start) runs masked
-in narrow blocks of ``BLOCK_N2`` keys, so a tile with ``wb`` a multiple of ``BLOCK_N``
-computes ``wb + BLOCK_N2`` keys per row rather than ``wb + BLOCK_N``.
+Key blocks are anchored at ``hi = i0 + 1``, one past the tile's first position, and walk
+left: block ``k`` covers ``[hi - (k+1) BLOCK_N, hi - k BLOCK_N)``. Every such key is ``<= i0``,
+so no block needs a causal mask; blocks inside every row's window (keys ``>= i0 + P - wb``
+and ``>= 0``) run with no mask at all, and only the left edge of the window (the keys that
+positions ``p > 0`` no longer see, or the sequence start) is masked: one block per tile when
+``wb`` is a multiple of ``BLOCK_N``, none when ``P = 1``. The tile's right edge, keys
+``i0 + 1 .. i0 + P - 1`` (key ``i0 + e`` seen by positions ``p >= e``), is done apart: for
+``P = 2`` (MHA with 32 offsets: one key, half the rows) as one more key folded into the
+online softmax by a per-row dot product ``<z_r, k_b[i0 + 1]>``, which costs less than a
+masked narrow block; for ``P > 2`` by masked narrow blocks of ``BLOCK_N2`` keys.
 
 Loads. On the GPU the key blocks come through the copy engine (TMA): one descriptor per
 tensor over the 3-D view ``[B, S, Hkv * D]`` with ``[1, BLOCK_N, D]`` blocks, whose rows outside
@@ -81,7 +84,7 @@ def _two_simplicial_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, P: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
     DOT_PREC: tl.constexpr, ONE_CHUNK: tl.constexpr, PREFETCH_VS: tl.constexpr, INT64_IDX: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NARROW: tl.constexpr, NEG_Z: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = D == BLOCK_D
     EVEN_DV: tl.constexpr = DV == BLOCK_DV
@@ -118,24 +121,35 @@ def _two_simplicial_fwd_kernel(
     kb_base = kb_ptr + b * stride_kbb + hk * stride_kbh
     vb_base = vb_ptr + b * stride_vbb + hk * stride_vbh
 
-    # ---- key blocks of the big window, anchored at hi = i0 + P -----------------------------
-    hi = i0 + P
-    lo = tl.maximum(i0 - WB + 1, 0)                # first key any row of the tile needs
-    full_lo = tl.maximum(hi - WB, 0)               # keys in [full_lo, i0] are in every row's window
-    n_full = (hi - full_lo) // BLOCK_N             # blocks 1 .. n_full-1 need no mask
-    n_main = tl.maximum(n_full, 1)
-    tail_hi = hi - n_main * BLOCK_N                # keys [lo, tail_hi) are left for the masked tail
-    n_tail = (tl.maximum(tail_hi - lo, 0) + BLOCK_N2 - 1) // BLOCK_N2
+    # ---- key blocks of the big window, anchored at hi = i0 + 1 ---------------------------------
+    # Keys j <= i0 are causal for every row of the tile, so blocks walking left from hi need no
+    # causal mask. Keys in [full_lo, i0] are in every row's window (no mask at all); the blocks
+    # past full_lo (the window's left edge for positions p > 0, or the sequence start) are masked.
+    # The tile's right edge, keys i0 + 1 .. i0 + P - 1 (key i0 + e is seen by positions p >= e),
+    # is done apart: for P == 2 (one key, seen by half the rows) by a per-row dot product
+    # (EDGE_DOT), otherwise by masked narrow blocks of BLOCK_N2 keys.
+    hi = i0 + 1
+    lo = tl.maximum(i0 - WB + 1, 0)                # first key of position i0's window
+    full_lo = tl.maximum(i0 + P - WB, 0)           # keys in [full_lo, i0] are in every row's window
+    n_blk = (hi - lo + BLOCK_N - 1) // BLOCK_N
+    n_full = tl.minimum(tl.maximum(hi - full_lo, 0) // BLOCK_N, n_blk)
+    n_right = (tl.minimum(P - 1, S - hi) + BLOCK_N2 - 1) // BLOCK_N2   # narrow right-edge blocks
 
     # running merge (2) per query, in base 2
     M_q = tl.full([NQ], -1.0e30, tl.float32)
     L_q = tl.full([NQ], 0.0, tl.float32)
     O_q = tl.full([NQ, BLOCK_DV], 0.0, tl.float32)
 
+    if EDGE_DOT:                                   # P == 2: the one right-edge key i0 + 1, rows of p = 1
+        j_e = i0 + 1
+        kb_e = tl.load(kb_base + j_e * stride_kbs + d, mask=d_ok & (d * 0 + j_e < S), other=0.0).to(tl.float32)
+        vb_e = tl.load(vb_base + j_e * stride_vbs + dv, mask=dv_ok & (dv * 0 + j_e < S), other=0.0).to(tl.float32)
+        sees_e = (i_r == j_e) & (j_e < S)
+
     if ONE_CHUNK:                                  # ws <= T: a constant trip count lets the compiler
         n_chunk = 1                                # drop the chunk loop (and its registers) entirely
     else:
-        n_chunk = (tl.minimum(WS, hi) + T - 1) // T  # offsets t > i never exist
+        n_chunk = (tl.minimum(WS, i0 + P) + T - 1) // T  # offsets t > i never exist
     for c in range(0, n_chunk):
         t_r = c * T + t_loc
         l_r = i_r - t_r                            # small-window key position
@@ -144,8 +158,13 @@ def _two_simplicial_fwd_kernel(
         q_rows = tl.load(q_row_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         ks_rows = tl.load(ks_base + l_r[:, None] * stride_kss + d[None, :],
                           mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        # (1): virtual query, with scale * log2(e) folded in so the softmax runs on exp2
-        z = (q_rows * ks_rows * qk_scale).to(kb_ptr.dtype.element_ty)
+        # (1): virtual query z = q * k_s, one rounding to the input dtype (a packed 16-bit multiply);
+        # a negative scale is carried as -z, so qk_scale = |scale| log2(e) > 0 (see z_scaling)
+        if NEG_Z:
+            ks_rows = -ks_rows
+        z = (q_rows * ks_rows).to(kb_ptr.dtype.element_ty)
+        if EDGE_DOT:                               # s_e[r] = <z_r, k_b[i0 + 1]> (same rounded z)
+            s_e = tl.where(sees_e, tl.reduce(z.to(tl.float32) * kb_e[None, :], 1, _SUM), -1.0e30)
 
         vs_row_ptr = vs_base + l_r[:, None] * stride_vss + dv[None, :]
         if PREFETCH_VS:                            # issue the v_s rows now: their latency hides behind the loop
@@ -153,34 +172,33 @@ def _two_simplicial_fwd_kernel(
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
-        # main loop: blocks k = 0 .. n_main-1, [hi - (k+1) BLOCK_N, hi - k BLOCK_N). Block 0 holds
-        # the causal edge and is masked; blocks 1 .. n_full-1 lie in every row's window (no mask).
-        # Key indices are clamped into [0, S) for the loads; the mask removes what they repeat.
-        # tail loop: the left edge [lo, tail_hi) in narrow blocks of BLOCK_N2 keys (usually one,
-        # holding the P - 1 keys that only some positions of the tile see), masked.
+        # stage 0: blocks k = 0 .. n_blk-1, [hi - (k+1) BLOCK_N, hi - k BLOCK_N), masked only from
+        # n_full on (the left edge), in one loop so that Triton pipelines the edge block's loads
+        # with the others (a loop of its own would wait for them: -6% on mha, NOTES.md);
+        # stage 1: the right edge [hi, hi + P - 1) in narrow blocks of BLOCK_N2 keys, masked.
         for stage in tl.static_range(2):
             if stage == 0:
-                k_end = n_main
+                k_end = n_blk
             else:
-                k_end = n_tail
+                k_end = n_right if NARROW else 0
             for kb_i in range(0, k_end):
-                if stage == 0:
-                    j = hi - (kb_i + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                if stage == 1:
+                    j0 = hi + kb_i * BLOCK_N2
+                    j = j0 + tl.arange(0, BLOCK_N2)
                 else:
-                    j = tail_hi - (kb_i + 1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+                    j0 = hi - (kb_i + 1) * BLOCK_N
+                    j = j0 + tl.arange(0, BLOCK_N)
                 if USE_TMA:
                     # the copy engine fetches the block of batch b, head hk (3-D view [B, S, Hkv*D]);
                     # rows outside [0, S) come back as zeros and are masked below
-                    if stage == 0:
-                        j0 = (hi - (kb_i + 1) * BLOCK_N).to(tl.int32)
-                        k_blk = tl.reshape(kb_desc.load([b32, j0, hk * D]), [BLOCK_N, BLOCK_D])
-                        v_blk = tl.reshape(vb_desc.load([b32, j0, hk * DV]), [BLOCK_N, BLOCK_DV])
+                    if stage == 1:
+                        k_blk = tl.reshape(kb_desc2.load([b32, j0.to(tl.int32), hk * D]), [BLOCK_N2, BLOCK_D])
+                        v_blk = tl.reshape(vb_desc2.load([b32, j0.to(tl.int32), hk * DV]), [BLOCK_N2, BLOCK_DV])
                     else:
-                        j0 = (tail_hi - (kb_i + 1) * BLOCK_N2).to(tl.int32)
-                        k_blk = tl.reshape(kb_desc2.load([b32, j0, hk * D]), [BLOCK_N2, BLOCK_D])
-                        v_blk = tl.reshape(vb_desc2.load([b32, j0, hk * DV]), [BLOCK_N2, BLOCK_DV])
+                        k_blk = tl.reshape(kb_desc.load([b32, j0.to(tl.int32), hk * D]), [BLOCK_N, BLOCK_D])
+                        v_blk = tl.reshape(vb_desc.load([b32, j0.to(tl.int32), hk * DV]), [BLOCK_N, BLOCK_DV])
                 else:
-                    j_ld = tl.minimum(tl.maximum(j, 0), S - 1)
+                    j_ld = tl.minimum(tl.maximum(j, 0), S - 1)     # clamped; the mask drops repeats
                     if EVEN_D:
                         k_blk = tl.load(kb_base + j_ld[:, None] * stride_kbs + d[None, :])
                     else:
@@ -191,18 +209,29 @@ def _two_simplicial_fwd_kernel(
                     else:
                         v_blk = tl.load(vb_base + j_ld[:, None] * stride_vbs + dv[None, :], mask=dv_ok[None, :],
                                         other=0.0)
-                # s[r, j] = <z_r, k_b[j]> = logit * log2(e)
+                # s[r, j] = <z_r, k_b[j]>, so logit * log2(e) = qk_scale * s
                 s = tl.dot(z, tl.trans(k_blk), input_precision=DOT_PREC)
-                if stage == 1 or kb_i == 0:
-                    in_win = (j[None, :] <= i_r[:, None]) & (j[None, :] > i_r[:, None] - WB) & (j[None, :] >= 0)
-                    s = tl.where(in_win, s, float("-inf"))
-                # online softmax (base 2): m' = max(m, max_j s); acc = acc 2^(m-m') + 2^(s-m') v_b
-                m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+                if stage == 0:
+                    if kb_i >= n_full:             # left edge: j > i - wb, j >= 0 (j <= i0 <= i holds)
+                        s = tl.where((j[None, :] > i_r[:, None] - WB) & (j[None, :] >= 0), s, float("-inf"))
+                else:                              # right edge: causal, and j > i - wb
+                    s = tl.where((j[None, :] <= i_r[:, None]) & (j[None, :] > i_r[:, None] - WB), s,
+                                 float("-inf"))
+                # online softmax (base 2, qk_scale > 0 so max commutes with it):
+                # m' = max(m, qk_scale max_j s); acc = acc 2^(m-m') + 2^(qk_scale s - m') v_b
+                m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)
                 alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
+                p = tl.math.exp2(s * qk_scale - m_new[:, None])
                 l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v_blk.dtype), v_blk, input_precision=DOT_PREC)
                 m_i = m_new
+        if EDGE_DOT:                               # fold the right-edge key in, as one more key
+            m_new = tl.maximum(m_i, s_e * qk_scale)
+            alpha = tl.math.exp2(m_i - m_new)
+            p_e = tl.where(sees_e, tl.math.exp2(s_e * qk_scale - m_new), 0.0)
+            l_i = l_i * alpha + p_e
+            acc = acc * alpha[:, None] + p_e[:, None] * vb_e[None, :]
+            m_i = m_new
 
         # (2) for this chunk: y_r = v_s[l_r] * acc_r, merged over the T offsets of each query
         if not PREFETCH_VS:
@@ -255,6 +284,14 @@ def _kernel(interpret: bool):
     return _KERNELS[interpret]
 
 
+def z_scaling(scale: float) -> tuple[bool, float]:
+    """How the kernels (forward and backward alike) apply ``scale``: the virtual query is the
+    plain product ``z = q * k_s`` (``-z`` for a negative scale: ``neg``), rounded once to the
+    input dtype, and the base-2 logits are ``qk_scale * <z, k_b>`` with ``qk_scale = |scale| *
+    log2(e) > 0``. A zero scale runs as 1e-30 (logits ~1e-28: the same uniform softmax in fp32)."""
+    return scale < 0, max(abs(float(scale)), 1e-30) * LOG2E
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -270,7 +307,7 @@ def pack_rows(block_m: int, gkv: int, ws: int) -> tuple[int, int, int]:
 def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int | None = None,
                block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                maxnreg: int | None = None, prefetch_vs: bool | None = None, int64_idx: bool = False,
-               tma: bool | None = None) -> dict:
+               tma: bool | None = None, edge_dot: bool | None = None) -> dict:
     """Launch configuration. Defaults measured on an H100 (benchmarks/NOTES.md): 64 rows and 4
     warps (one warpgroup) beat 128 rows and 8 warps by ~20%, because two such programs fit on an
     SM and overlap one's softmax with the other's matrix products. A small window wider than the
@@ -286,10 +323,11 @@ def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int
         dflt = (64, 64, 4, 3)
     block_m = block_m or dflt[0]
     P, G, T = pack_rows(block_m, gkv, ws)
-    block_n = max(block_n or dflt[1], P)           # the masking scheme needs P <= BLOCK_N
-    cfg = dict(BLOCK_N=block_n, P=P, G=G, T=T, num_warps=num_warps or dflt[2], num_stages=num_stages or dflt[3],
+    cfg = dict(BLOCK_N=block_n or dflt[1], P=P, G=G, T=T, num_warps=num_warps or dflt[2],
+               num_stages=num_stages or dflt[3],
                prefetch_vs=bool(prefetch_vs) if prefetch_vs is not None else (not interpret and max(D, Dv) <= 128),
-               int64_idx=int64_idx, tma=bool(tma) if tma is not None else not interpret)
+               int64_idx=int64_idx, tma=bool(tma) if tma is not None else not interpret,
+               edge_dot=P == 2 and (edge_dot if edge_dot is not None else True))
     if maxnreg:
         cfg["maxnreg"] = maxnreg
     return cfg
@@ -343,9 +381,13 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         prec = "tf32" if allow_tf32 else "ieee"
     else:
         prec = "tf32"                              # ignored for 16-bit operands
+    # the tile's right edge (P - 1 keys): one per-row dot product for P == 2 (edge_dot), else
+    # narrow masked blocks of block_n2 keys
+    narrow = P > 1 and not cfg["edge_dot"]
     block_n2 = min(cfg["BLOCK_N"], max(16, _pow2(P - 1)))
     descs = [_kv_desc(t, n) for n in (cfg["BLOCK_N"], block_n2) for t in (kb, vb)] if cfg["tma"] else [None]
     use_tma = all(d is not None for d in descs)
+    neg_z, qk_scale = z_scaling(scale)
     _kernel(interpret)[grid](
         q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -355,12 +397,13 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         vb.stride(0), vb.stride(1), vb.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        S, Hkv, gkv, n_hblk, ws, wb, float(scale) * LOG2E,
+        S, Hkv, gkv, n_hblk, ws, wb, qk_scale,
         D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_N2=block_n2,
         P=P, G=G, T=cfg["T"], DOT_PREC=prec, ONE_CHUNK=ws <= cfg["T"], PREFETCH_VS=cfg["prefetch_vs"],
         INT64_IDX=cfg["int64_idx"] or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-        USE_TMA=use_tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        USE_TMA=use_tma, EDGE_DOT=cfg["edge_dot"], NARROW=narrow, NEG_Z=neg_z, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
     )
     return out, lse
