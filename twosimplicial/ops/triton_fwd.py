@@ -385,6 +385,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     # narrow masked blocks of block_n2 keys
     narrow = P > 1 and not cfg["edge_dot"]
     block_n2 = min(cfg["BLOCK_N"], max(16, _pow2(P - 1)))
+    # (the narrow pair is built even when unused: the kernel body that reads it is compiled anyway)
     descs = [_kv_desc(t, n) for n in (cfg["BLOCK_N"], block_n2) for t in (kb, vb)] if cfg["tma"] else [None]
     use_tma = all(d is not None for d in descs)
     neg_z, qk_scale = z_scaling(scale)
