@@ -23,6 +23,8 @@ import triton
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention
 from twosimplicial.ops.triton_fwd import two_simplicial_fwd
 
+from bench_bwd_variants import load_module  # this folder is on sys.path when run as a script
+
 CASES = {  # name: (B, S, Hq, Hkv, D, Dv, w1, w2); FLOPs counted at head dim min(D, Dv)
     "gqa64": (2, 8192, 64, 1, 128, 128, 512, 32),
     "mha": (1, 8192, 16, 16, 128, 128, 512, 32),
@@ -62,11 +64,7 @@ def fwd_fn(cfg):
     """(forward function, config) for a variant."""
     if "module" not in cfg:
         return two_simplicial_fwd, cfg
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("fwd_" + str(abs(hash(cfg["module"]))), cfg["module"])
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.two_simplicial_fwd, {k: v for k, v in cfg.items() if k != "module"}
+    return load_module(cfg["module"]).two_simplicial_fwd, {k: v for k, v in cfg.items() if k != "module"}
 
 
 def report_kernels():
