@@ -168,7 +168,6 @@ def main():
     def sweep(kbh_all):
         v = {
             "default": None,
-            "dqsum": dict(DQ_SUM=True),
             "k32rows": dict(KBI=1, KBH=1, KBT=32),
             "k-n32": dict(KBN=32),
             "k-n128": dict(KBN=128),

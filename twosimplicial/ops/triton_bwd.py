@@ -35,8 +35,10 @@ Two kernels, each the only writer of what it owns, so the result is deterministi
   head blocks of a group all touch the same keys: torch adds them afterwards, in a fixed order.
 
 In both kernels only (tile, key block) pairs on a window's edge compute the window mask; pairs
-wholly inside every row's window run unmasked (separate loops, ``MASK`` constexpr): rows outside
-the problem (past S, l < 0, padding heads) load q = dO = 0 and lse = +inf, so P = dS = 0 there.
+wholly inside every row's window run unmasked (keys kernel: separate loops, a ``MASK`` constexpr;
+rows kernel: one loop, a runtime flag): rows outside the problem (past S, l < 0, padding heads)
+load q = dO = 0 and lse = +inf, so P = dS = 0 there. Delta_i = <dO_i, O_i> comes from a small
+kernel of its own (``_delta``) before the two.
 
 Extra memory: Delta ``[B, Hq, S]`` and the partial buffers, about
 ``(1 + (ws - 1) / NB) * B * S * Hq / BH * (D + Dv)`` fp32 values: O(B * S * H * D).
@@ -66,7 +68,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import _pow2, z_scaling
+from .triton_fwd import _SUM, _pow2, z_scaling
+
+
+@triton.jit
+def _delta(DO, O, DELTA, sdob, sdos, sdoh, sob, sos, soh, S, HQ,
+           DV: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr):
+    """Delta_i = <dO_i, O_i> in fp32 for BS positions of one (batch, head): ``DELTA [B, Hq, S]``.
+    (tl.reduce with triton_fwd's combine function, which the interpreter can run.)"""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    ii = pid_s * BS + tl.arange(0, BS)
+    ee = tl.arange(0, DV_PAD)
+    m = (ii < S)[:, None] & (ee < DV)[None, :]
+    do = tl.load(DO + b * sdob + ii[:, None] * sdos + h * sdoh + ee[None, :], mask=m, other=0.0)
+    o = tl.load(O + b * sob + ii[:, None] * sos + h * soh + ee[None, :], mask=m, other=0.0)
+    dlt = tl.reduce(do.to(tl.float32) * o.to(tl.float32), 1, _SUM)
+    tl.store(DELTA + pid_bh * S + ii, dlt, mask=ii < S)
 
 
 @triton.jit
@@ -201,26 +221,21 @@ def _bwd_big_keys(
 
 @triton.jit
 def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                j0, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
-                BN: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+                j0, masked, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
+                BN: tl.constexpr, PRECISION: tl.constexpr):
     """One key block [j0, j0 + BN) of a row tile: dz += dS k_b (unscaled), acc += P v_b.
-    MASK: keys outside [0, S) or outside a row's window are skipped; without it every key
-    of the block must be in every row's window."""
+    ``masked`` (a runtime flag, so that every block of the tile runs in one pipelined loop):
+    keys outside [0, S) or outside a row's window are dropped; without it every key of the
+    block must be in every row's window. Keys are loaded at indices clamped into [0, S)."""
     jj = j0 + tl.arange(0, BN)
-    if MASK:
-        jin = (jj >= 0) & (jj < S)
-        kb = tl.load(KB + b * skbb + jj[:, None] * skbs + g * skbh + dd[None, :],
-                     mask=jin[:, None] & dmask[None, :], other=0.0)
-        vb = tl.load(VB + b * svbb + jj[:, None] * svbs + g * svbh + ee[None, :],
-                     mask=jin[:, None] & emask[None, :], other=0.0)
-    else:
-        kb = tl.load(KB + b * skbb + jj[:, None] * skbs + g * skbh + dd[None, :], mask=dmask[None, :], other=0.0)
-        vb = tl.load(VB + b * svbb + jj[:, None] * svbs + g * svbh + ee[None, :], mask=emask[None, :], other=0.0)
+    jl = tl.minimum(tl.maximum(jj, 0), S - 1)
+    kb = tl.load(KB + b * skbb + jl[:, None] * skbs + g * skbh + dd[None, :], mask=dmask[None, :], other=0.0)
+    vb = tl.load(VB + b * svbb + jl[:, None] * svbs + g * svbh + ee[None, :], mask=emask[None, :], other=0.0)
     # P = exp2(qk_scale z k_b^T - Lse_i log2 e) inside both windows, else 0
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     s = tl.dot(z, tl.trans(kb), input_precision=PRECISION)
     p = tl.math.exp2(tl.minimum(s * qk_scale - lse2[:, None], 0.0))
-    if MASK:
+    if masked:
         valid = (rvalid[:, None] & (jj[None, :] >= 0) & (jj[None, :] <= ii[:, None])
                  & (jj[None, :] > ii[:, None] - WB))
         p = tl.where(valid, p, 0.0)
@@ -242,7 +257,7 @@ def _bwd_rows(
     S, HQ, HKV, G, NHB, NP, NB, WS, WB, qk_scale, scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, LB: tl.constexpr, QB: tl.constexpr,
-    PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr, DQ_SUM: tl.constexpr,
+    PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr,
     NEG_Z: tl.constexpr,
 ):
     """dq for positions [I0, I0 + NB) and heads of one head block; dk_s, dv_s partial sums."""
@@ -290,29 +305,33 @@ def _bwd_rows(
             z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
                                             sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
                                             S, HQ, dd, ee, dmask, emask, NEG_Z)
+            if BI > 1:
+                # z, dO' pass through a select on rvalid: a no-op on the values (rows outside the
+                # problem are zero already), but it keeps the compiler from converting q, k_s,
+                # dO, v_s to the MMA operand layout one by one and holding z, dO' in registers
+                # across the key loop, where they spilled; z, dO' then stay in shared memory and
+                # are read per key block. Measured: mha -3.5%, but gqa64 (one position per tile)
+                # +8%, so only for tiles of several positions (benchmarks/NOTES.md, session 5)
+                z = tl.where(rvalid[:, None], z, 0.0)
+                dop = tl.where(rvalid[:, None], dop, 0.0)
             dz = tl.full([BM, D_PAD], 0.0, tl.float32)
             acc = tl.full([BM, DV_PAD], 0.0, tl.float32)
             # Key blocks are anchored at the right end j_hi of the tile's keys: block k holds
             # [j_hi - (k + 1) BN, j_hi - k BN). Keys in [max(i0 + BI - wb, 0), i0 + 1) are in
-            # the window of every position of the tile: blocks wholly inside run unmasked
-            # (rows outside the problem have z = dO' = 0 and lse = inf, so P = dS = 0 there).
-            # The right edge (BI - 1 keys past i0) and the left remainder run masked.
+            # the window of every position of the tile: blocks k_first <= k < k_int lie wholly
+            # inside and run unmasked (rows outside the problem have z = dO' = 0 and lse = inf,
+            # so P = dS = 0 there); the right edge (BI - 1 keys past i0) and the left remainder
+            # are masked.
             int_lo = tl.maximum(i0 + BI - WB, 0)
             k_first = (tl.maximum(j_hi - i0 - 1, 0) + BN - 1) // BN
             k_int = tl.maximum((j_hi - int_lo) // BN, k_first)
             n_blk = (j_hi - j_lo + BN - 1) // BN
-            for k in range(0, k_first):
+            # one loop for all three kinds, the mask a runtime flag: Triton pipelines each loop
+            # separately (a loop per kind waits for each one's first loads in full)
+            for k in range(0, n_blk):
                 dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
-                                      BN, True, PRECISION)
-            for k in range(k_first, k_int):
-                dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
-                                      BN, False, PRECISION)
-            for k in range(k_int, n_blk):
-                dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                                      j_hi - (k + 1) * BN, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
-                                      BN, True, PRECISION)
+                                      j_hi - (k + 1) * BN, (k < k_first) | (k >= k_int), ii, rvalid, lse2, dlt,
+                                      S, WB, qk_scale, dd, ee, dmask, emask, BN, PRECISION)
             dz = dz * scale
             # Reductions over rows, one at a time to keep few [BM, D] tensors live; q, k_s, dO
             # are loaded again (L1/L2 hits; ".ca" keeps the compiler from merging these loads
@@ -363,10 +382,7 @@ def _bwd_rows(
             ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
                          mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
             eq = dz * ks.to(tl.float32)
-            if DQ_SUM:
-                # compiled only (the interpreter path never takes it): a plain sum over BT
-                dq += tl.sum(tl.reshape(eq, [QB, BT, D_PAD]), axis=1)
-            elif ONEHOT_BF16:
+            if ONEHOT_BF16:
                 ohq = onehot_q.to(tl.bfloat16)
                 eq_hi = eq.to(tl.bfloat16)
                 dq += tl.dot(ohq, eq_hi)
@@ -422,8 +438,7 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
     kbt = min(_pow2(ws), kbm)
     kbh = min(_pow2(G), kbm // kbt)
     return dict(BI=bi, BH=bh, BT=bt, BN=bn, NB_MIN=nb_min, num_warps=warps, num_stages=stages,
-                KBI=kbm // (kbt * kbh), KBH=kbh, KBT=kbt, KBN=kbn, k_warps=warps, k_stages=stages,
-                DQ_SUM=device.type == "cuda" and bh == 1)
+                KBI=kbm // (kbt * kbh), KBH=kbh, KBT=kbt, KBN=kbn, k_warps=warps, k_stages=stages)
 
 
 _SHRINK = {}     # (dtype, D, Dv, precision) -> how often the tiles had to be halved to fit
@@ -454,7 +469,13 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     q, ks, vs, kb, vb, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, ks, vs, kb, vb, do))
     lse = lse.float().contiguous()
     # Delta_i = <dO_i, O_i>, [B, Hq, S] fp32
-    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    delta = torch.empty(B, HQ, S, device=q.device, dtype=torch.float32)
+    bs = 64 if q.device.type == "cuda" else 16
+    dv_pad = max(16, _pow2(DV))
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    _kernel(_delta, q.device)[(triton.cdiv(S, bs), B * HQ)](
+        do, out, delta, *_strides(do), *_strides(out), S, HQ, DV=DV, DV_PAD=dv_pad, BS=bs, num_warps=4)
     if q.dtype == torch.float32:
         precision = "tf32" if allow_tf32 else "ieee"
     else:
@@ -511,11 +532,10 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     dvs_part = torch.zeros(B, HKV, NHB, NP, LSLOT, DV_PAD, device=q.device, dtype=torch.float32)
     grid = (NP, B * HKV * NHB)
     on_gpu = q.device.type == "cuda"
-    dq_sum = on_gpu and cfg["DQ_SUM"]
     _kernel(_bwd_rows, q.device)[grid](
         q, ks, vs, kb, vb, do, lse, delta, dq, dks_part, dvs_part, *common, *_strides(dq),
         S, HQ, HKV, G, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
-        QB=BI * BH if dq_sum else max(16, BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, DQ_SUM=dq_sum, BI=BI, BH=BH, BT=BT, BN=BN,
+        QB=max(16, BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
     return dq, dkb, dvb, dks_part, dvs_part, NB
 

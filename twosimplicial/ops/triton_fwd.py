@@ -134,6 +134,7 @@ def _two_simplicial_fwd_kernel(
     n_blk = (hi - lo + BLOCK_N - 1) // BLOCK_N
     n_full = tl.minimum(tl.maximum(hi - full_lo, 0) // BLOCK_N, n_blk)
     n_right = (tl.minimum(P - 1, S - hi) + BLOCK_N2 - 1) // BLOCK_N2   # narrow right-edge blocks
+    j_min_r = tl.maximum(i_r - WB, -1)             # left edge of each row's window: keys j > j_min_r
 
     # running merge (2) per query, in base 2
     M_q = tl.full([NQ], -1.0e30, tl.float32)
@@ -141,9 +142,15 @@ def _two_simplicial_fwd_kernel(
     O_q = tl.full([NQ, BLOCK_DV], 0.0, tl.float32)
 
     if EDGE_DOT:                                   # P == 2: the one right-edge key i0 + 1, rows of p = 1
+        # read as [1, D] rows at an index clamped into the sequence (sees_e drops the key when
+        # i0 + 1 = S): a 2-D row broadcasts over the tile's rows without a layout conversion,
+        # and needs no per-element mask, so the loads are vectorised
         j_e = i0 + 1
-        kb_e = tl.load(kb_base + j_e * stride_kbs + d, mask=d_ok & (d * 0 + j_e < S), other=0.0).to(tl.float32)
-        vb_e = tl.load(vb_base + j_e * stride_vbs + dv, mask=dv_ok & (dv * 0 + j_e < S), other=0.0).to(tl.float32)
+        j_e_ld = tl.minimum(j_e, S - 1)
+        if EVEN_D:
+            kb_e = tl.load(kb_base + j_e_ld * stride_kbs + d[None, :]).to(tl.float32)
+        else:
+            kb_e = tl.load(kb_base + j_e_ld * stride_kbs + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
         sees_e = (i_r == j_e) & (j_e < S)
 
     if ONE_CHUNK:                                  # ws <= T: a constant trip count lets the compiler
@@ -164,7 +171,7 @@ def _two_simplicial_fwd_kernel(
             ks_rows = -ks_rows
         z = (q_rows * ks_rows).to(kb_ptr.dtype.element_ty)
         if EDGE_DOT:                               # s_e[r] = <z_r, k_b[i0 + 1]> (same rounded z)
-            s_e = tl.where(sees_e, tl.reduce(z.to(tl.float32) * kb_e[None, :], 1, _SUM), -1.0e30)
+            s_e = tl.where(sees_e, tl.reduce(z.to(tl.float32) * kb_e, 1, _SUM), -1.0e30)
 
         vs_row_ptr = vs_base + l_r[:, None] * stride_vss + dv[None, :]
         if PREFETCH_VS:                            # issue the v_s rows now: their latency hides behind the loop
@@ -212,8 +219,8 @@ def _two_simplicial_fwd_kernel(
                 # s[r, j] = <z_r, k_b[j]>, so logit * log2(e) = qk_scale * s
                 s = tl.dot(z, tl.trans(k_blk), input_precision=DOT_PREC)
                 if stage == 0:
-                    if kb_i >= n_full:             # left edge: j > i - wb, j >= 0 (j <= i0 <= i holds)
-                        s = tl.where((j[None, :] > i_r[:, None] - WB) & (j[None, :] >= 0), s, float("-inf"))
+                    if kb_i >= n_full:             # left edge: j > i - wb and j >= 0 (j <= i0 <= i holds)
+                        s = tl.where(j[None, :] > j_min_r[:, None], s, float("-inf"))
                 else:                              # right edge: causal, and j > i - wb
                     s = tl.where((j[None, :] <= i_r[:, None]) & (j[None, :] > i_r[:, None] - WB), s,
                                  float("-inf"))
@@ -230,7 +237,11 @@ def _two_simplicial_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_new)
             p_e = tl.where(sees_e, tl.math.exp2(s_e * qk_scale - m_new), 0.0)
             l_i = l_i * alpha + p_e
-            acc = acc * alpha[:, None] + p_e[:, None] * vb_e[None, :]
+            if EVEN_DV:
+                vb_e = tl.load(vb_base + j_e_ld * stride_vbs + dv[None, :]).to(tl.float32)
+            else:
+                vb_e = tl.load(vb_base + j_e_ld * stride_vbs + dv[None, :], mask=dv_ok[None, :], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + p_e[:, None] * vb_e
             m_i = m_new
 
         # (2) for this chunk: y_r = v_s[l_r] * acc_r, merged over the T offsets of each query
