@@ -247,14 +247,16 @@ def _two_simplicial_fwd_kernel(
         # (2) for this chunk: y_r = v_s[l_r] * acc_r, merged over the T offsets of each query
         if not PREFETCH_VS:
             vs_rows = tl.load(vs_row_ptr, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-        y = tl.where(row_ok[:, None], acc * vs_rows, 0.0)
         m_r = tl.where(row_ok, m_i, -1.0e30)
         l_r_sum = tl.where(row_ok, l_i, 0.0)
         m3 = tl.reshape(m_r, [NQ, T])
         m_c = tl.reduce(m3, 1, _MAX)                          # max over the chunk's offsets
         a3 = tl.math.exp2(m3 - m_c[:, None])
         L_c = tl.reduce(a3 * tl.reshape(l_r_sum, [NQ, T]), 1, _SUM)
-        O_c = tl.reduce(tl.reshape(y, [NQ, T, BLOCK_DV]) * a3[:, :, None], 1, _SUM)
+        # rows that do not exist get weight 0 (their acc is finite: z = 0 there), so y needs no
+        # select of its own
+        a_r = tl.where(row_ok, tl.reshape(a3, [BLOCK_M]), 0.0)
+        O_c = tl.reduce(tl.reshape(acc * vs_rows * a_r[:, None], [NQ, T, BLOCK_DV]), 1, _SUM)
         # fold into the running merge across chunks
         M_new = tl.maximum(M_q, m_c)
         a_old = tl.math.exp2(M_q - M_new)
