@@ -115,7 +115,14 @@ def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
 
 
 @triton.jit
-def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, jvalid, r,
+def _tile_at(it, j0, n_t, BI: tl.constexpr, BT: tl.constexpr):
+    """Position and offset chunk of the keys kernel's flat tile index ``it``. (A division-free
+    form for n_t = 1 made the compiler spill more: +10% on gqa64, benchmarks/NOTES.md.)"""
+    return j0 + (it // n_t) * BI, (it % n_t) * BT
+
+
+@triton.jit
+def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
                BH: tl.constexpr, BT: tl.constexpr, MASK: tl.constexpr,
@@ -138,9 +145,9 @@ def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, 
     sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
     pT = tl.math.exp2(tl.minimum(sT * qk_scale - lse2[None, :], 0.0))
     if MASK:
-        valid = (rvalid[None, :] & jvalid[:, None] & (jj[:, None] <= ii[None, :])
-                 & (jj[:, None] > ii[None, :] - WB))
-        pT = tl.where(valid, pT, 0.0)
+        # key j in row i's window: 0 <= i - j < wb, one unsigned compare. Rows outside the
+        # problem need no mask (lse = inf gives P = 0), nor keys past S (never stored).
+        pT = tl.where((ii[None, :] - jj[:, None]).to(tl.uint32) < WB.to(tl.uint32), pT, 0.0)
     # dP^T = v_b dO'^T;  dS^T = P^T * (dP^T - Delta_i)
     dpT = tl.dot(vb, tl.trans(dop), input_precision=PRECISION)
     dsT = pT * (dpT - dlt[None, :])
@@ -196,20 +203,20 @@ def _bwd_big_keys(
     m_c = tl.maximum(tl.minimum(WB // BI, m_end), m_a)
     for h0 in range(0, G, BH):
         for it in range(0, m_a * n_t):
-            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
-                                (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
-                                svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
-                                BH, BT, True, PRECISION, NEG_Z)
+            i0, t0 = _tile_at(it, j0, n_t, BI, BT)
+            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
+                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BH, BT, True, PRECISION, NEG_Z)
         for it in range(m_a * n_t, m_c * n_t):
-            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
-                                (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
-                                svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
-                                BH, BT, False, PRECISION, NEG_Z)
+            i0, t0 = _tile_at(it, j0, n_t, BI, BT)
+            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
+                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BH, BT, False, PRECISION, NEG_Z)
         for it in range(m_c * n_t, m_end * n_t):
-            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, j0 + (it // n_t) * BI,
-                                (it % n_t) * BT, jj, jvalid, r, sqb, sqs, sqh, sksb, skss, sksh, svsb, svss,
-                                svsh, sdob, sdos, sdoh, S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
-                                BH, BT, True, PRECISION, NEG_Z)
+            i0, t0 = _tile_at(it, j0, n_t, BI, BT)
+            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
+                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BH, BT, True, PRECISION, NEG_Z)
 
     # dk_b = scale * sum dS (q * k_s) = |scale| * sum dS z  (z carries the sign of scale)
     dk = dk * dk_scale
@@ -221,7 +228,7 @@ def _bwd_big_keys(
 
 @triton.jit
 def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                j0, masked, ii, rvalid, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
+                j0, masked, ii, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
                 BN: tl.constexpr, PRECISION: tl.constexpr):
     """One key block [j0, j0 + BN) of a row tile: dz += dS k_b (unscaled), acc += P v_b.
     ``masked`` (a runtime flag, so that every block of the tile runs in one pipelined loop):
@@ -236,9 +243,11 @@ def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svb
     s = tl.dot(z, tl.trans(kb), input_precision=PRECISION)
     p = tl.math.exp2(tl.minimum(s * qk_scale - lse2[:, None], 0.0))
     if masked:
-        valid = (rvalid[:, None] & (jj[None, :] >= 0) & (jj[None, :] <= ii[:, None])
-                 & (jj[None, :] > ii[:, None] - WB))
-        p = tl.where(valid, p, 0.0)
+        # key j in row i's window: 0 <= i - j < wb, one unsigned compare; keys before the
+        # sequence start (loaded at a clamped index) are moved past every window first. Rows
+        # outside the problem need no mask (lse = inf gives P = dS = 0).
+        jw = tl.where(jj >= 0, jj, S + WB)
+        p = tl.where((ii[:, None] - jw[None, :]).to(tl.uint32) < WB.to(tl.uint32), p, 0.0)
     # dP = dO' v_b^T;  dS = P * (dP - Delta_i)
     dp = tl.dot(dop, tl.trans(vb), input_precision=PRECISION)
     ds = p * (dp - dlt[:, None])
@@ -330,7 +339,7 @@ def _bwd_rows(
             # separately (a loop per kind waits for each one's first loads in full)
             for k in range(0, n_blk):
                 dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
-                                      j_hi - (k + 1) * BN, (k < k_first) | (k >= k_int), ii, rvalid, lse2, dlt,
+                                      j_hi - (k + 1) * BN, (k < k_first) | (k >= k_int), ii, lse2, dlt,
                                       S, WB, qk_scale, dd, ee, dmask, emask, BN, PRECISION)
             dz = dz * scale
             # Reductions over rows, one at a time to keep few [BM, D] tensors live; q, k_s, dO
