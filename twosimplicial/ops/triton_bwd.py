@@ -115,6 +115,12 @@ def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
 
 
 @triton.jit
+def _in_window(i, j, WB):
+    """Key j in the big window of query position i: 0 <= i - j < wb, as one unsigned compare."""
+    return (i - j).to(tl.uint32) < WB.to(tl.uint32)
+
+
+@triton.jit
 def _tile_at(it, j0, n_t, BI: tl.constexpr, BT: tl.constexpr):
     """Position and offset chunk of the keys kernel's flat tile index ``it``. (A division-free
     form for n_t = 1 made the compiler spill more: +10% on gqa64, benchmarks/NOTES.md.)"""
@@ -145,9 +151,9 @@ def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, 
     sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
     pT = tl.math.exp2(tl.minimum(sT * qk_scale - lse2[None, :], 0.0))
     if MASK:
-        # key j in row i's window: 0 <= i - j < wb, one unsigned compare. Rows outside the
-        # problem need no mask (lse = inf gives P = 0), nor keys past S (never stored).
-        pT = tl.where((ii[None, :] - jj[:, None]).to(tl.uint32) < WB.to(tl.uint32), pT, 0.0)
+        # rows outside the problem need no mask (lse = inf gives P = 0), nor keys past S
+        # (never stored)
+        pT = tl.where(_in_window(ii[None, :], jj[:, None], WB), pT, 0.0)
     # dP^T = v_b dO'^T;  dS^T = P^T * (dP^T - Delta_i)
     dpT = tl.dot(vb, tl.trans(dop), input_precision=PRECISION)
     dsT = pT * (dpT - dlt[None, :])
@@ -243,11 +249,10 @@ def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svb
     s = tl.dot(z, tl.trans(kb), input_precision=PRECISION)
     p = tl.math.exp2(tl.minimum(s * qk_scale - lse2[:, None], 0.0))
     if masked:
-        # key j in row i's window: 0 <= i - j < wb, one unsigned compare; keys before the
-        # sequence start (loaded at a clamped index) are moved past every window first. Rows
-        # outside the problem need no mask (lse = inf gives P = dS = 0).
+        # keys before the sequence start (loaded at a clamped index) are moved past every
+        # window first; rows outside the problem need no mask (lse = inf gives P = dS = 0)
         jw = tl.where(jj >= 0, jj, S + WB)
-        p = tl.where((ii[:, None] - jw[None, :]).to(tl.uint32) < WB.to(tl.uint32), p, 0.0)
+        p = tl.where(_in_window(ii[:, None], jw[None, :], WB), p, 0.0)
     # dP = dO' v_b^T;  dS = P * (dP - Delta_i)
     dp = tl.dot(dop, tl.trans(vb), input_precision=PRECISION)
     ds = p * (dp - dlt[:, None])
@@ -475,16 +480,14 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     swap = w1e >= w2e
     ks, vs, kb, vb = (k2, v2, k1, v1) if swap else (k1, v1, k2, v2)
     ws, wb = (w2e, w1e) if swap else (w1e, w2e)
-    q, ks, vs, kb, vb, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, ks, vs, kb, vb, do))
+    q, ks, vs, kb, vb, do, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, ks, vs, kb, vb, do, out))
     lse = lse.float().contiguous()
     # Delta_i = <dO_i, O_i>, [B, Hq, S] fp32
     delta = torch.empty(B, HQ, S, device=q.device, dtype=torch.float32)
     bs = 64 if q.device.type == "cuda" else 16
-    dv_pad = max(16, _pow2(DV))
-    if out.stride(-1) != 1:
-        out = out.contiguous()
     _kernel(_delta, q.device)[(triton.cdiv(S, bs), B * HQ)](
-        do, out, delta, *_strides(do), *_strides(out), S, HQ, DV=DV, DV_PAD=dv_pad, BS=bs, num_warps=4)
+        do, out, delta, *_strides(do), *_strides(out), S, HQ, DV=DV, DV_PAD=max(16, _pow2(DV)), BS=bs,
+        num_warps=4)
     if q.dtype == torch.float32:
         precision = "tf32" if allow_tf32 else "ieee"
     else:

@@ -222,8 +222,8 @@ def _two_simplicial_fwd_kernel(
                 if stage == 0:
                     if kb_i >= n_full:             # left edge: j > i - wb and j >= 0 (j <= i0 <= i holds)
                         s = tl.where(j[None, :] > j_min_r[:, None], s, float("-inf"))
-                else:                              # right edge: causal, and j > i - wb
-                    s = tl.where((j[None, :] <= i_r[:, None]) & (j[None, :] > i_r[:, None] - WB), s,
+                else:                              # right edge: causal, and inside the window
+                    s = tl.where((j[None, :] <= i_r[:, None]) & (j[None, :] > j_min_r[:, None]), s,
                                  float("-inf"))
                 # online softmax (base 2, qk_scale > 0 so max commutes with it):
                 # m' = max(m, qk_scale max_j s); acc = acc 2^(m-m') + 2^(qk_scale s - m') v_b
