@@ -34,6 +34,9 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+NAMES = ("dq", "dk1", "dv1", "dk2", "dv2")
+
+
 def make(B, S, Hq, Hkv, D, Dv, dtype=torch.float32, device="cpu", mult=1.0, gen=None):
     """Fresh random inputs (never zeros)."""
     def r(*shape):
@@ -206,7 +209,7 @@ def test_gradients_through_op(case):
     inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
     ro, _ = naive_two_simplicial_attention(*inputs64, w1, w2, 1 / math.sqrt(D))
     rgrads = torch.autograd.grad(ro, inputs64, do.double())
-    for name, g, rg in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, rgrads):
+    for name, g, rg in zip(NAMES, grads, rgrads):
         assert rel(g, rg) < 1e-4, name
 
 
@@ -335,6 +338,37 @@ def test_gpu_compile_fullgraph_and_cuda_graph():
 
 
 @pytest.mark.gpu
+def test_gpu_backward_concurrent_and_cuda_graph():
+    """The backward's two kernels on two streams (``concurrent``, the default for problems of
+    many key blocks) give bitwise the gradients of running them in turn, and they capture into
+    a CUDA graph whose replay on fresh inputs gives bitwise the eager gradients."""
+    from twosimplicial.ops.triton_bwd import two_simplicial_bwd
+    gen = torch.Generator(device="cuda").manual_seed(17)
+
+    def fresh():
+        inputs = make(1, 1024, 8, 2, 64, 64, dtype=torch.bfloat16, device="cuda", gen=gen)
+        do = torch.randn(1, 1024, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        return [do, *inputs, *two_simplicial_fwd(*inputs, 256, 32, 0.125, False)]
+
+    def bwd(a, concurrent):
+        return two_simplicial_bwd(*a, 256, 32, 0.125, False, config=dict(concurrent=concurrent))
+
+    static = fresh()
+    for name, a, b in zip(NAMES, bwd(static, True), bwd(static, False)):
+        assert torch.equal(a, b), name
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grads = bwd(static, True)
+    new = fresh()
+    for s, t in zip(static, new):
+        s.copy_(t)
+    graph.replay()
+    for name, a, b in zip(NAMES, static_grads, bwd(new, False)):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
 def test_gpu_backward_through_op_compiled():
     gen = torch.Generator(device="cuda").manual_seed(16)
     inputs = [t.requires_grad_(True) for t in make(1, 1024, 8, 2, 64, 64, dtype=torch.bfloat16, device="cuda", gen=gen)]
@@ -348,6 +382,6 @@ def test_gpu_backward_through_op_compiled():
     g_e = torch.autograd.grad(f(*inputs), inputs, do)
     inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
     g_r = torch.autograd.grad(chunked_two_simplicial_attention(*inputs64, 256, 32, 0.125)[0], inputs64, do.double())
-    for name, a, b, r in zip(("dq", "dk1", "dv1", "dk2", "dv2"), g_c, g_e, g_r):
+    for name, a, b, r in zip(NAMES, g_c, g_e, g_r):
         assert torch.equal(a, b), name
         assert rel(a, r) < 2e-2, name

@@ -20,7 +20,8 @@ This is a flash-attention backward over virtual rows, whose per-row terms reduce
 
 (sums over the query heads of a kv group included, for GQA/MQA).
 
-Two kernels, each the only writer of what it owns, so the result is deterministic (no atomics):
+Two kernels, each the only writer of what it owns, so the result is deterministic (no atomics);
+on the GPU they run concurrently (the keys kernel on a side stream, see ``_launch``):
 
 - ``_bwd_big_keys``: one program per (block of BN big-window keys, batch, kv head); it walks every
   virtual row that sees its keys (all query heads of the group, all offsets) and keeps dk_b, dv_b
@@ -62,6 +63,8 @@ said when this module was imported).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
 
 import torch
@@ -449,6 +452,12 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
     bt = min(_pow2(ws), bm)
     bh = min(_pow2(G), bm // bt)
     bi = bm // (bt * bh)
+    if bi > 1 and bt > 16 and _pow2(bi + bt - 1) > bt:
+        # a tile of several positions reaches bi + bt - 1 small keys: halving the offsets per
+        # tile (twice the positions) keeps that within bt rows instead of 2 bt, which halves
+        # the 0/1 products of the dk_s / dv_s sums (MHA: 35 -> 23 keys, 64 -> 32 rows: -4% on
+        # the rows kernel, benchmarks/NOTES.md, session 6)
+        bt, bi = bt // 2, bi * 2
     kbt = min(_pow2(ws), kbm)
     kbh = min(_pow2(G), kbm // kbt)
     return dict(BI=bi, BH=bh, BT=bt, BN=bn, NB_MIN=nb_min, num_warps=warps, num_stages=stages,
@@ -525,31 +534,62 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision, NEG_Z=neg_z)
     common = (*_strides(q), *_strides(ks), *_strides(vs), *_strides(kb), *_strides(vb), *_strides(do))
 
-    dkb = torch.empty_like(kb)
-    dvb = torch.empty_like(vb)
-    grid = (triton.cdiv(S, cfg["KBN"]), B * HKV)
-    _kernel(_bwd_big_keys, q.device)[grid](
-        q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, *common, *_strides(dkb), *_strides(dvb),
-        S, HQ, HKV, G, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"], BN=cfg["KBN"],
-        num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
-
     # rows kernel: NB positions per program, a multiple of BI and >= ws - 1 so that a slice
     # overlaps only its left neighbour's
     NB = BI * triton.cdiv(max(cfg["NB_MIN"], ws - 1), BI)
     NP = triton.cdiv(S, NB)
     NHB = triton.cdiv(G, BH)
     LSLOT = NB + ws - 1
+    dkb = torch.empty_like(kb)
+    dvb = torch.empty_like(vb)
     dq = torch.empty_like(q)
     dks_part = torch.zeros(B, HKV, NHB, NP, LSLOT, D_PAD, device=q.device, dtype=torch.float32)
     dvs_part = torch.zeros(B, HKV, NHB, NP, LSLOT, DV_PAD, device=q.device, dtype=torch.float32)
-    grid = (NP, B * HKV * NHB)
     on_gpu = q.device.type == "cuda"
-    _kernel(_bwd_rows, q.device)[grid](
-        q, ks, vs, kb, vb, do, lse, delta, dq, dks_part, dvs_part, *common, *_strides(dq),
-        S, HQ, HKV, G, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
-        QB=max(16, BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
+
+    # The two kernels share no outputs. When the keys kernel has many programs (two or more
+    # per SM), it runs on a side stream of high priority, launched first, and the rows
+    # kernel's programs fill the SMs its last wave leaves idle (MHA: -5% with the rows tile
+    # change, benchmarks/NOTES.md, session 6). With few long programs (GQA-64: 128 programs
+    # of ~60 ms on 132 SMs) running them together was slower (+1.7%), so they run in turn.
+    # The caller's stream waits for the side stream before this returns.
+    n_keys = triton.cdiv(S, cfg["KBN"]) * B * HKV
+    concurrent = on_gpu and cfg.get("concurrent", n_keys >= 2 * _sm_count(q.device))
+    main = torch.cuda.current_stream(q.device) if concurrent else None
+    side = _side_stream(q.device) if concurrent else None
+    if side is not None:
+        side.wait_stream(main)
+    try:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            _kernel(_bwd_big_keys, q.device)[(triton.cdiv(S, cfg["KBN"]), B * HKV)](
+                q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, *common, *_strides(dkb), *_strides(dvb),
+                S, HQ, HKV, G, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
+                BN=cfg["KBN"], num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
+        _kernel(_bwd_rows, q.device)[(NP, B * HKV * NHB)](
+            q, ks, vs, kb, vb, do, lse, delta, dq, dks_part, dvs_part, *common, *_strides(dq),
+            S, HQ, HKV, G, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
+            QB=max(16, BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
+    finally:
+        if side is not None:
+            main.wait_stream(side)
     return dq, dkb, dvb, dks_part, dvs_part, NB
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The keys kernel's stream on ``device`` (high priority, made once per device)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx, priority=-1)
+    return _SIDE_STREAMS[idx]
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _gather_slices(part, NB: int, ws: int, S: int):

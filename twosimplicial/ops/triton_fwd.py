@@ -177,8 +177,17 @@ def _two_simplicial_fwd_kernel(
         vs_row_ptr = vs_base + l_r[:, None] * stride_vss + dv[None, :]
         if PREFETCH_VS:                            # issue the v_s rows now: their latency hides behind the loop
             vs_rows = tl.load(vs_row_ptr, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        if EDGE_DOT:
+            # the right-edge key's logit and weight enter the running (m, l) first (m = qk_scale
+            # s_e, l = 1 for the rows that see it), so that only its value needs adding after
+            # the loop, without rescaling acc (-2% instructions per tile against folding it in
+            # last; adding v_b[i0 + 1] to acc here instead made mha's merge reduce by shuffles:
+            # -1.5%, benchmarks/NOTES.md, session 6)
+            m_i = tl.where(sees_e, s_e * qk_scale, -1.0e30)
+            l_i = tl.where(sees_e, 1.0, 0.0)
+        else:
+            m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+            l_i = tl.full([BLOCK_M], 0.0, tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
         # stage 0: blocks k = 0 .. n_blk-1, [hi - (k+1) BLOCK_N, hi - k BLOCK_N), masked only from
         # n_full on (the left edge), in one loop so that Triton pipelines the edge block's loads
@@ -233,17 +242,13 @@ def _two_simplicial_fwd_kernel(
                 l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v_blk.dtype), v_blk, input_precision=DOT_PREC)
                 m_i = m_new
-        if EDGE_DOT:                               # fold the right-edge key in, as one more key
-            m_new = tl.maximum(m_i, s_e * qk_scale)
-            alpha = tl.math.exp2(m_i - m_new)
-            p_e = tl.where(sees_e, tl.math.exp2(s_e * qk_scale - m_new), 0.0)
-            l_i = l_i * alpha + p_e
+        if EDGE_DOT:                               # the right-edge key's value: weight 2^(qk_scale s_e - m)
+            p_e = tl.where(sees_e, tl.math.exp2(s_e * qk_scale - m_i), 0.0)
             if EVEN_DV:
                 vb_e = tl.load(vb_base + j_e_ld * stride_vbs + dv[None, :]).to(tl.float32)
             else:
                 vb_e = tl.load(vb_base + j_e_ld * stride_vbs + dv[None, :], mask=dv_ok[None, :], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + p_e[:, None] * vb_e
-            m_i = m_new
+            acc = acc + p_e[:, None] * vb_e
 
         # (2) for this chunk: y_r = v_s[l_r] * acc_r, merged over the T offsets of each query
         if not PREFETCH_VS:
