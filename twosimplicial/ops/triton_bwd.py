@@ -96,7 +96,7 @@ def _delta(DO, O, DELTA, sdob, sdos, sdoh, sob, sos, soh, S, HQ,
 def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
                 S, HQ, dd, ee, dmask, emask, NEG_Z: tl.constexpr):
-    """A tile's per-row inputs (both kernels): z = q_i * k_s[l] (-z if NEG_Z; logits in log2
+    """A rows-kernel tile's per-row inputs: z = q_i * k_s[l] (-z if NEG_Z; logits in log2
     units are qk_scale * <z, k_b>, triton_fwd.z_scaling), dO' = dO_i * v_s[l] (both rounded once
     to the input dtype: packed 16-bit multiplies), Lse_i * log2(e) and Delta_i.
     Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
@@ -131,24 +131,62 @@ def _tile_at(it, j0, n_t, BI: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
+                    sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                    S, HQ, G, WS, dd, ee, dmask, emask,
+                    BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, NEG_Z: tl.constexpr):
+    """The keys kernel's tile inputs (rows r = (p, hh, tt), offset fastest) from compact loads:
+    q, dO once per (position, head) ``[BI, BH, D]``, k_s, v_s once per (position, offset)
+    ``[BI, BT, D]``, broadcast into z = q * k_s and dO' = dO * v_s ``[BI * BH * BT, D]`` (rounded
+    once to the input dtype, as in the forward). Loading every row's q, k_s, dO, v_s instead
+    read each q, dO row BT times and each k_s, v_s row BH times: the compact loads take the
+    keys kernel from 62 to 57 ms on gqa64 (benchmarks/NOTES.md, session 6).
+    Lse and Delta per (position, head). Rows of offsets that do not exist (l < 0, t >= ws) get
+    k_s = v_s = 0, so z = dO' = 0 and they add nothing to dk_b, dv_b; rows of positions or
+    heads that do not exist get lse = inf (P = 0)."""
+    BM: tl.constexpr = BI * BH * BT
+    p = tl.arange(0, BI)
+    hh = tl.arange(0, BH)
+    tt = tl.arange(0, BT)
+    ii = i0 + p
+    hq = g * G + h0 + hh
+    qok = (ii[:, None] < S) & ((h0 + hh)[None, :] < G)                       # [BI, BH]
+    l = ii[:, None] - t0 - tt[None, :]                                         # [BI, BT]
+    lok = (l >= 0) & ((t0 + tt)[None, :] < WS) & (ii[:, None] < S)
+    q = tl.load(Q + b * sqb + ii[:, None, None] * sqs + hq[None, :, None] * sqh + dd[None, None, :],
+                mask=qok[:, :, None] & dmask[None, None, :], other=0.0)
+    do = tl.load(DO + b * sdob + ii[:, None, None] * sdos + hq[None, :, None] * sdoh + ee[None, None, :],
+                 mask=qok[:, :, None] & emask[None, None, :], other=0.0)
+    ks = tl.load(KS + b * sksb + l[:, :, None] * skss + g * sksh + dd[None, None, :],
+                 mask=lok[:, :, None] & dmask[None, None, :], other=0.0)
+    vs = tl.load(VS + b * svsb + l[:, :, None] * svss + g * svsh + ee[None, None, :],
+                 mask=lok[:, :, None] & emask[None, None, :], other=0.0)
+    if NEG_Z:
+        ks = -ks
+    z = (q.to(tl.float32)[:, :, None, :] * ks.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
+    dop = (do.to(tl.float32)[:, :, None, :] * vs.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
+    z = tl.reshape(z, [BM, z.shape[3]])
+    dop = tl.reshape(dop, [BM, dop.shape[3]])
+    lse2 = tl.load(LSE + (b * HQ + hq[None, :]) * S + ii[:, None], mask=qok, other=float("inf")) * 1.4426950408889634
+    dlt = tl.load(DELTA + (b * HQ + hq[None, :]) * S + ii[:, None], mask=qok, other=0.0)
+    lse2 = tl.reshape(tl.broadcast_to(lse2[:, :, None], [BI, BH, BT]), [BM])
+    dlt = tl.reshape(tl.broadcast_to(dlt[:, :, None], [BI, BH, BT]), [BM])
+    return z, dop, lse2, dlt
+
+
+@triton.jit
 def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
-               BH: tl.constexpr, BT: tl.constexpr, MASK: tl.constexpr,
+               BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, MASK: tl.constexpr,
                PRECISION: tl.constexpr, NEG_Z: tl.constexpr):
     """One row tile (positions i0 + p, heads h0 + hh, offsets t0 + tt; r = (p, hh, tt), offset
     fastest) against the program's key block: dk_b += dS^T z, dv_b += P^T dO'. MASK: keys
     outside a row's window are skipped; without it every key must be in every row's window."""
-    tt = r % BT
-    hh = (r // BT) % BH
     ii = i0 + r // (BT * BH)
-    hq = g * G + h0 + hh
-    t = t0 + tt
-    l = ii - t
-    rvalid = ((h0 + hh) < G) & (ii < S) & (t < WS) & (l >= 0)
-    z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
-                                    sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                    S, HQ, dd, ee, dmask, emask, NEG_Z)
+    z, dop, lse2, dlt = _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
+                                     sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                     S, HQ, G, WS, dd, ee, dmask, emask, BI, BH, BT, NEG_Z)
     # S^T = k_b z^T;  P^T = exp2(qk_scale S^T - Lse_i log2 e), zero outside the windows
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
@@ -215,17 +253,17 @@ def _bwd_big_keys(
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
             dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
                                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BH, BT, True, PRECISION, NEG_Z)
+                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
         for it in range(m_a * n_t, m_c * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
             dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
                                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BH, BT, False, PRECISION, NEG_Z)
+                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, False, PRECISION, NEG_Z)
         for it in range(m_c * n_t, m_end * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
             dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
                                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BH, BT, True, PRECISION, NEG_Z)
+                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
 
     # dk_b = scale * sum dS (q * k_s) = |scale| * sum dS z  (z carries the sign of scale)
     dk = dk * dk_scale
@@ -417,7 +455,7 @@ _INTERPRETED = {}
 
 def _kernel(fn, device: torch.device):
     """The jitted kernel on CUDA; on CPU the same source under the Triton interpreter, with the
-    jitted helpers it calls (``_keys_tile``, ``_rows_block``, ``_row_inputs``) interpreted too
+    jitted helpers it calls (``_keys_tile``, ``_keys_inputs``, ``_rows_block``, ``_row_inputs``) interpreted too
     (in a copy of the module's globals, so the compiled path in the same process is untouched)."""
     if device.type == "cuda":
         return fn
