@@ -484,9 +484,13 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
         warps, stages, nb_min = (8 if bm == 128 else 4), 2, 64
         kbn, kbm = 2 * bn, bm // 2      # keys kernel: 64 rows x 128 keys measured best
         bn = max(16, bn // 2)           # rows kernel: 32-key blocks (fewer live registers) measured best
+        # keys kernel: with its compact tile inputs (_keys_inputs) a third stage fits, and it
+        # hides the loads of the next tiles: -16% on gqa64, -10% on mha (16-bit, D <= 128)
+        deep = row_bytes <= 256 and shrink == 0
+        k_stages = 3 if deep else 2
     else:
         bm, bn, warps, stages, nb_min = 16, 16, 4, 1, 16
-        kbn, kbm = 16, 16
+        kbn, kbm, k_stages, deep = 16, 16, 1, False
     bt = min(_pow2(ws), bm)
     bh = min(_pow2(G), bm // bt)
     bi = bm // (bt * bh)
@@ -496,10 +500,18 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
         # the 0/1 products of the dk_s / dv_s sums (MHA: 35 -> 23 keys, 64 -> 32 rows: -4% on
         # the rows kernel, benchmarks/NOTES.md, session 6)
         bt, bi = bt // 2, bi * 2
-    kbt = min(_pow2(ws), kbm)
-    kbh = min(_pow2(G), kbm // kbt)
+    if bi > 1 and deep:
+        # rows kernel, tiles of several positions (z, dO' in shared memory, see _bwd_rows): a
+        # third stage of key blocks: -7% on mha; single-position tiles (gqa64), which hold z
+        # in registers, lost 8% with it
+        stages = 3
+    # keys kernel: at most 16 offsets per tile (more positions or heads instead): -6% on gqa64
+    # and mha against 32 offsets (benchmarks/NOTES.md, session 6); heads per tile: a power of
+    # two that divides G, so that no tile row is a padding head
+    kbt = min(_pow2(ws), kbm, 16)
+    kbh = min(G & -G, kbm // kbt)
     return dict(BI=bi, BH=bh, BT=bt, BN=bn, NB_MIN=nb_min, num_warps=warps, num_stages=stages,
-                KBI=kbm // (kbt * kbh), KBH=kbh, KBT=kbt, KBN=kbn, k_warps=warps, k_stages=stages)
+                KBI=kbm // (kbt * kbh), KBH=kbh, KBT=kbt, KBN=kbn, k_warps=warps, k_stages=k_stages)
 
 
 _SHRINK = {}     # (dtype, D, Dv, precision) -> how often the tiles had to be halved to fit
