@@ -494,21 +494,23 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
     bt = min(_pow2(ws), bm)
     bh = min(_pow2(G), bm // bt)
     bi = bm // (bt * bh)
-    if bi > 1 and bt > 16 and _pow2(bi + bt - 1) > bt:
+    if deep and bi > 1 and bt > 16 and _pow2(bi + bt - 1) > bt:
         # a tile of several positions reaches bi + bt - 1 small keys: halving the offsets per
         # tile (twice the positions) keeps that within bt rows instead of 2 bt, which halves
         # the 0/1 products of the dk_s / dv_s sums (MHA: 35 -> 23 keys, 64 -> 32 rows: -4% on
         # the rows kernel, benchmarks/NOTES.md, session 6)
         bt, bi = bt // 2, bi * 2
-    if bi > 1 and deep:
+    if deep and bi > 1:
         # rows kernel, tiles of several positions (z, dO' in shared memory, see _bwd_rows): a
         # third stage of key blocks: -7% on mha; single-position tiles (gqa64), which hold z
         # in registers, lost 8% with it
         stages = 3
     # keys kernel: at most 16 offsets per tile (more positions or heads instead): -6% on gqa64
     # and mha against 32 offsets (benchmarks/NOTES.md, session 6); heads per tile: a power of
-    # two that divides G, so that no tile row is a padding head
-    kbt = min(_pow2(ws), kbm, 16)
+    # two that divides G, so that no tile row is a padding head. Wide rows (the determinant
+    # form's 256-wide head) keep up to 32 offsets, and the rows kernel its tiles: both rules
+    # cost it 6%.
+    kbt = min(_pow2(ws), kbm, 16 if deep else kbm)
     kbh = min(G & -G, kbm // kbt)
     return dict(BI=bi, BH=bh, BT=bt, BN=bn, NB_MIN=nb_min, num_warps=warps, num_stages=stages,
                 KBI=kbm // (kbt * kbh), KBH=kbh, KBT=kbt, KBN=kbn, k_warps=warps, k_stages=k_stages)
