@@ -21,7 +21,7 @@ This is a flash-attention backward over virtual rows, whose per-row terms reduce
 (sums over the query heads of a kv group included, for GQA/MQA).
 
 Two kernels, each the only writer of what it owns, so the result is deterministic (no atomics);
-on the GPU they run concurrently (the keys kernel on a side stream, see ``_launch``):
+on the GPU they run concurrently when the keys kernel has many programs (``_launch``):
 
 - ``_bwd_big_keys``: one program per (block of BN big-window keys, batch, kv head); it walks every
   virtual row that sees its keys (all query heads of the group, all offsets) and keeps dk_b, dv_b
@@ -132,9 +132,9 @@ def _tile_at(it, j0, n_t, BI: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
-                    sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                    S, HQ, G, WS, dd, ee, dmask, emask,
-                    BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, NEG_Z: tl.constexpr):
+                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                 S, HQ, G, WS, dd, ee, dmask, emask,
+                 BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, NEG_Z: tl.constexpr):
     """The keys kernel's tile inputs (rows r = (p, hh, tt), offset fastest) from compact loads:
     q, dO once per (position, head) ``[BI, BH, D]``, k_s, v_s once per (position, offset)
     ``[BI, BT, D]``, broadcast into z = q * k_s and dO' = dO * v_s ``[BI * BH * BT, D]`` (rounded
@@ -603,7 +603,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     # per SM), it runs on a side stream of high priority, launched first, and the rows
     # kernel's programs fill the SMs its last wave leaves idle (MHA: -5% with the rows tile
     # change, benchmarks/NOTES.md, session 6). With few long programs (GQA-64: 128 programs
-    # of ~60 ms on 132 SMs) running them together was slower (+1.7%), so they run in turn.
+    # of ~50 ms on 132 SMs) running them together was slower (+1.6%), so they run in turn.
     # The caller's stream waits for the side stream before this returns.
     n_keys = triton.cdiv(S, cfg["KBN"]) * B * HKV
     concurrent = on_gpu and cfg.get("concurrent", n_keys >= 2 * _sm_count(q.device))
