@@ -528,8 +528,9 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
 
     do, out ``[B, S, Hq, Dv]``; q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2
     ``[B, S, Hkv, Dv]``; lse ``[B, Hq, S]`` float32 (natural log) from the forward.
-    Gradients come back in the inputs' dtypes and shapes. ``config`` overrides tile sizes
-    (benchmarks only)."""
+    Gradients come back in the inputs' dtypes and shapes. ``config`` overrides keys of
+    :func:`_config` (tile sizes, stages) and ``concurrent`` (run the two kernels on two streams,
+    see ``_launch``): for benchmarks and tests."""
     B, S, HQ, D = q.shape
     HKV, DV = k1.shape[2], v1.shape[3]
     G = HQ // HKV
