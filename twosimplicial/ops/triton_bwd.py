@@ -606,15 +606,15 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     # change, benchmarks/NOTES.md, session 6). With few long programs (GQA-64: 128 programs
     # of ~50 ms on 132 SMs) running them together was slower (+1.6%), so they run in turn.
     # The caller's stream waits for the side stream before this returns.
-    n_keys = triton.cdiv(S, cfg["KBN"]) * B * HKV
-    concurrent = on_gpu and cfg.get("concurrent", n_keys >= 2 * _sm_count(q.device))
+    keys_grid = (triton.cdiv(S, cfg["KBN"]), B * HKV)
+    concurrent = on_gpu and cfg.get("concurrent", keys_grid[0] * keys_grid[1] >= 2 * _sm_count(q.device))
     main = torch.cuda.current_stream(q.device) if concurrent else None
     side = _side_stream(q.device) if concurrent else None
     if side is not None:
         side.wait_stream(main)
     try:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            _kernel(_bwd_big_keys, q.device)[(triton.cdiv(S, cfg["KBN"]), B * HKV)](
+            _kernel(_bwd_big_keys, q.device)[keys_grid](
                 q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, *common, *_strides(dkb), *_strides(dvb),
                 S, HQ, HKV, G, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
                 BN=cfg["KBN"], num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
