@@ -356,10 +356,19 @@ def _bwd_rows(
             t = t0 + tt
             l = ii - t
             rvalid = hvalid & (ii < S) & (t < WS) & (l >= 0)
-            # built once per tile, used against every key block of the big window
-            z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
-                                            sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                            S, HQ, dd, ee, dmask, emask, NEG_Z)
+            # built once per tile, used against every key block of the big window. Tiles of one
+            # position (GQA) take the keys kernel's compact loads: the rows kernel's loop then
+            # spills half as much, gqa64 rows kernel 50.1 -> 43.7 ms; for tiles of several
+            # positions the broadcast z went to shared memory by 16-bit stores, so they keep the
+            # per-row loads (benchmarks/NOTES.md, session 7)
+            if BI == 1:
+                z, dop, lse2, dlt = _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
+                                                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                                 S, HQ, G, WS, dd, ee, dmask, emask, BI, BH, BT, NEG_Z)
+            else:
+                z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
+                                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
+                                                S, HQ, dd, ee, dmask, emask, NEG_Z)
             if BI > 1:
                 # z, dO' pass through a select on rvalid: a no-op on the values (rows outside the
                 # problem are zero already), but it keeps the compiler from converting q, k_s,

@@ -142,16 +142,17 @@ def _two_simplicial_fwd_kernel(
     O_q = tl.full([NQ, BLOCK_DV], 0.0, tl.float32)
 
     if EDGE_DOT:                                   # P == 2: the one right-edge key i0 + 1, rows of p = 1
-        # k_b[i0 + 1] here and v_b[i0 + 1] where it is used, read as [1, D] rows at an index
-        # clamped into the sequence (sees_e drops the key when i0 + 1 = S): a 2-D row broadcasts
-        # over the tile's rows without a layout conversion, and needs no per-element mask, so
-        # the loads are vectorised (1-D vectors went through shared memory at once: -6% on mha)
+        # k_b[i0 + 1] as 16 identical rows (the smallest N of a tensor-core product), at an index
+        # clamped into the sequence (sees_e drops the key when i0 + 1 = S); v_b[i0 + 1] is read
+        # as a [1, D] row where it is used (a 2-D row broadcasts over the tile's rows without a
+        # layout conversion; 1-D vectors went through shared memory: -6% on mha)
         j_e = i0 + 1
         j_e_ld = tl.minimum(j_e, S - 1)
+        kb_e_ptr = kb_base + j_e_ld * stride_kbs + d[None, :] + tl.full([16, 1], 0, tl.int32)
         if EVEN_D:
-            kb_e = tl.load(kb_base + j_e_ld * stride_kbs + d[None, :]).to(tl.float32)
+            kb_e = tl.load(kb_e_ptr)
         else:
-            kb_e = tl.load(kb_base + j_e_ld * stride_kbs + d[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
+            kb_e = tl.load(kb_e_ptr, mask=d_ok[None, :], other=0.0)
         sees_e = (i_r == j_e) & (j_e < S)
 
     if ONE_CHUNK:                                  # ws <= T: a constant trip count lets the compiler
@@ -166,17 +167,23 @@ def _two_simplicial_fwd_kernel(
         q_rows = tl.load(q_row_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         ks_rows = tl.load(ks_base + l_r[:, None] * stride_kss + d[None, :],
                           mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        vs_row_ptr = vs_base + l_r[:, None] * stride_vss + dv[None, :]
+        if PREFETCH_VS:
+            # issued with q and k_s, so that the tile waits for one memory latency before its first
+            # key block, not two (v_s goes to the MMA layout before the loop); held until the merge
+            vs_rows = tl.load(vs_row_ptr, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         # (1): virtual query z = q * k_s, one rounding to the input dtype (a packed 16-bit multiply);
         # a negative scale is carried as -z, so qk_scale = |scale| log2(e) > 0 (see z_scaling)
         if NEG_Z:
             ks_rows = -ks_rows
         z = (q_rows * ks_rows).to(kb_ptr.dtype.element_ty)
-        if EDGE_DOT:                               # s_e[r] = <z_r, k_b[i0 + 1]> (same rounded z)
-            s_e = tl.where(sees_e, tl.reduce(z.to(tl.float32) * kb_e, 1, _SUM), -1.0e30)
-
-        vs_row_ptr = vs_base + l_r[:, None] * stride_vss + dv[None, :]
-        if PREFETCH_VS:                            # issue the v_s rows now: their latency hides behind the loop
-            vs_rows = tl.load(vs_row_ptr, mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        if EDGE_DOT:
+            # s_e[r] = <z_r, k_b[i0 + 1]> (same rounded z) by a [BLOCK_M, 16] tensor-core product
+            # (16 equal columns), not a row reduction of z * k_b[i0 + 1]: shorter before the first
+            # key block, and with z used by two products of different widths Triton builds z
+            # in the MMA operand layout once, in registers, instead of re-reading it from shared
+            # memory in every key block (mha +2%, mha-d64 +7%; benchmarks/NOTES.md, session 7)
+            s_e = tl.where(sees_e, tl.reduce(tl.dot(z, tl.trans(kb_e), input_precision=DOT_PREC), 1, _MAX), -1.0e30)
         if EDGE_DOT:
             # the right-edge key's logit and weight enter the running (m, l) first (m = qk_scale
             # s_e, l = 1 for the rows that see it), so that only its value needs adding after
