@@ -49,6 +49,8 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "tma-m128": dict(tma=True, block_m=128, num_warps=8, num_stages=3),
     # the tile's right-edge key (P == 2) by a masked narrow block instead of a per-row dot
     "narrow": dict(edge_dot=False),
+    # v_s rows loaded after the key loop instead of with q and k_s
+    "nopf": dict(prefetch_vs=False),
 }
 
 
