@@ -39,8 +39,9 @@ positions ``p > 0`` no longer see, or the sequence start) is masked: one block p
 ``wb`` is a multiple of ``BLOCK_N``, none when ``P = 1``. The tile's right edge, keys
 ``i0 + 1 .. i0 + P - 1`` (key ``i0 + e`` seen by positions ``p >= e``), is done apart: for
 ``P = 2`` (MHA with 32 offsets: one key, half the rows) as one more key folded into the
-online softmax by a per-row dot product ``<z_r, k_b[i0 + 1]>``, which costs less than a
-masked narrow block; for ``P > 2`` by masked narrow blocks of ``BLOCK_N2`` keys.
+online softmax, its logit ``<z_r, k_b[i0 + 1]>`` from one small tensor-core product before the
+loop, which costs less than a masked narrow block; for ``P > 2`` by masked narrow blocks of
+``BLOCK_N2`` keys.
 
 Loads. On the GPU the key blocks come through the copy engine (TMA): one descriptor per
 tensor over the 3-D view ``[B, S, Hkv * D]`` with ``[1, BLOCK_N, D]`` blocks, whose rows outside
@@ -126,8 +127,8 @@ def _two_simplicial_fwd_kernel(
     # causal mask. Keys in [full_lo, i0] are in every row's window (no mask at all); the blocks
     # past full_lo (the window's left edge for positions p > 0, or the sequence start) are masked.
     # The tile's right edge, keys i0 + 1 .. i0 + P - 1 (key i0 + e is seen by positions p >= e),
-    # is done apart: for P == 2 (one key, seen by half the rows) by a per-row dot product
-    # (EDGE_DOT), otherwise by masked narrow blocks of BLOCK_N2 keys.
+    # is done apart: for P == 2 (one key, seen by half the rows) folded into the online softmax
+    # before and after the loop (EDGE_DOT), otherwise by masked narrow blocks of BLOCK_N2 keys.
     hi = i0 + 1
     lo = tl.maximum(i0 - WB + 1, 0)                # first key of position i0's window
     full_lo = tl.maximum(i0 + P - WB, 0)           # keys in [full_lo, i0] are in every row's window
@@ -184,7 +185,6 @@ def _two_simplicial_fwd_kernel(
             # in the MMA operand layout once, in registers, instead of re-reading it from shared
             # memory in every key block (mha +2%, mha-d64 +7%; benchmarks/NOTES.md, session 7)
             s_e = tl.where(sees_e, tl.reduce(tl.dot(z, tl.trans(kb_e), input_precision=DOT_PREC), 1, _MAX), -1.0e30)
-        if EDGE_DOT:
             # the right-edge key's logit and weight enter the running (m, l) first (m = qk_scale
             # s_e, l = 1 for the rows that see it), so that only its value needs adding after
             # the loop, without rescaling acc (-2% instructions per tile against folding it in
@@ -407,7 +407,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         prec = "tf32" if allow_tf32 else "ieee"
     else:
         prec = "tf32"                              # ignored for 16-bit operands
-    # the tile's right edge (P - 1 keys): one per-row dot product for P == 2 (edge_dot), else
+    # the tile's right edge (P - 1 keys): one folded key for P == 2 (edge_dot), else
     # narrow masked blocks of block_n2 keys
     narrow = P > 1 and not cfg["edge_dot"]
     block_n2 = min(cfg["BLOCK_N"], max(16, _pow2(P - 1)))
