@@ -97,11 +97,13 @@ def test_forward_other_configs(config):
 
 @pytest.mark.parametrize("edge_dot", [True, False], ids=["edge_dot", "narrow"])
 @pytest.mark.parametrize("case", [(1, 37, 2, 2, 16, 16, 20, 8), (2, 50, 2, 2, 16, 24, 8, 33), (1, 6, 1, 1, 16, 16, 7, 9),
-                                  (1, 30, 4, 2, 32, 16, 4, 11), (1, 21, 2, 1, 16, 16, 16, 3)],
+                                  (1, 30, 4, 2, 32, 16, 4, 11), (1, 21, 2, 1, 16, 16, 16, 3),
+                                  (1, 23, 2, 2, 48, 16, 6, 30)],
                          ids=lambda c: "B{}S{}Hq{}Hkv{}D{}Dv{}w{}x{}".format(*c))
 def test_forward_two_positions_per_tile(case, edge_dot):
     """Tiles of two positions (P = 2: the MHA shape of the GPU defaults): the right-edge key
-    i0 + 1 either by a per-row dot product or by a masked narrow block; both load paths."""
+    i0 + 1 either folded in (its logit by a small tensor-core product) or by a masked narrow
+    block; both load paths; a head dim that is not a power of two (masked edge-key load)."""
     B, S, Hq, Hkv, D, Dv, w1, w2 = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     inputs = make(B, S, Hq, Hkv, D, Dv, gen=gen)
