@@ -511,8 +511,8 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
         bt, bi = bt // 2, bi * 2
     if deep and bi > 1:
         # rows kernel, tiles of several positions (z, dO' in shared memory, see _bwd_rows): a
-        # third stage of key blocks: -7% on mha; single-position tiles (gqa64), which hold z
-        # in registers, lost 8% with it
+        # third stage of key blocks: -7% on mha; single-position tiles (gqa64) lost 8% with it
+        # (measured in session 6, before they took the compact inputs; not remeasured since)
         stages = 3
     # keys kernel: at most 16 offsets per tile (more positions or heads instead): -6% on gqa64
     # and mha against 32 offsets (benchmarks/NOTES.md, session 6); heads per tile: a power of

@@ -16,8 +16,9 @@ turns the logits into an ordinary dot product over the big window, in base 2:
     logit[i, j, l] * log2 e = qk_scale * <z[i,t], k_b[j]>,   qk_scale = |scale| log2 e
 
 (``-z`` for a negative scale, :func:`z_scaling`), so each virtual row ``(i, t)`` is one row of
-flash attention over ``k_b, v_b`` that keeps the running ``(m, l, acc)`` of online softmax (exp2 form). The ``ws`` rows of one query are
-then merged the way split-KV decoding merges its splits:
+flash attention over ``k_b, v_b`` that keeps the running ``(m, l, acc)`` of online softmax
+(exp2 form). The ``ws`` rows of one query are then merged the way split-KV decoding merges its
+splits:
 
     M = max_t m_t;   L = sum_t 2^(m_t - M) l_t
     out_i = sum_t 2^(m_t - M) (v_s[i-t] * acc_t) / L;   lse_i = (M + log2 L) * ln 2   (2)
