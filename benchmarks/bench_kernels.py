@@ -19,7 +19,9 @@ library's PyTorch path (chunked), forward only, on the MHA shapes.
 FLOPs (SPEC §4): 4*D per valid triple forward (``sum_i min(i+1,w1) min(i+1,w2)`` triples per
 batch and query head), 2.5x that backward; SDPA 4*S*Lkv*D*H forward, 2.5x backward. For
 ``det`` D is the model's head dim (128), not the doubled kernel head dim, so its TFLOP/s are
-comparable to ``mha`` as "useful" work. Times are triton.testing.do_bench medians.
+comparable to ``mha`` as "useful" work. Times: the timed impls of a case are measured in
+``--rounds`` interleaved rounds (default 5), each a triton.testing.do_bench median; a row
+reports the median over its rounds (``fwd_ms_rounds`` / ``bwd_ms_rounds`` keep them all).
 
 ``--tune`` first sweeps forward launch configurations on gqa64 / mha / mha-d64 and prints them.
 """
@@ -31,6 +33,7 @@ import json
 import math
 import os
 import re
+import statistics
 
 import torch
 import triton
@@ -66,41 +69,50 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def time_fwd_bwd(fwd, inputs, do, with_bwd):
-    """Median forward time, and median backward time (autograd.grad on a retained graph)."""
-    with torch.no_grad():
-        fwd_ms = bench(lambda: fwd(*inputs))
-    bwd_ms = None
+def fwd_bwd_fns(fwd, inputs, do, with_bwd):
+    """(forward closure, backward closure or None): the backward is autograd.grad on a graph
+    retained once, so each call times the backward kernels alone."""
+    def fwd_fn():
+        with torch.no_grad():
+            fwd(*inputs)
+    bwd_fn = None
     if with_bwd:
         leaves = [t.detach().requires_grad_(True) for t in inputs]
         out = fwd(*leaves)
-        bwd_ms = bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
-    return fwd_ms, bwd_ms
+        bwd_fn = lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)
+    return fwd_fn, bwd_fn
 
 
-def row(case, impl, fwd_ms, bwd_ms, flops):
+def row(case, impl, fwd_ms, bwd_ms, flops, fwd_rounds=None, bwd_rounds=None):
     tf = lambda ms, f: None if ms is None else f / (ms * 1e-3) / 1e12
-    return {"case": case, "impl": impl, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
-            "fwd_tflops": tf(fwd_ms, flops), "bwd_tflops": tf(bwd_ms, 2.5 * flops)}
+    r = {"case": case, "impl": impl, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+         "fwd_tflops": tf(fwd_ms, flops), "bwd_tflops": tf(bwd_ms, 2.5 * flops)}
+    if fwd_rounds:
+        r["fwd_ms_rounds"], r["bwd_ms_rounds"] = fwd_rounds, bwd_rounds or None
+    return r
 
 
-def run_case(name, spec, impls, gen):
+def run_case(name, spec, impls, gen, rounds):
+    """Rows of one case. The timed impls (this library, cuDNN and flash SDPA) are measured in
+    ``rounds`` interleaved rounds (ours, cuDNN, flash, ours, cuDNN, ...), each a do_bench median,
+    and a row reports the median over its rounds: the GPU's clock drifts over a run (up to ~8%
+    for the same kernel, benchmarks/NOTES.md), and interleaving puts that drift on all impls
+    alike instead of on whichever was timed last."""
     B, S, Hq, Hkv, D, w1, w2, form, with_bwd = spec
     rows = []
     q = rand(B, S, Hq, D, gen=gen)
     k1, v1, k2, v2 = (rand(B, S, Hkv, D, gen=gen) for _ in range(4))
     do = rand(B, S, Hq, D, gen=gen)
     flops = 4 * D * n_triples(S, w1, w2) * B * Hq
+    timed = {}                                             # impl: (flops, fwd_fn, bwd_fn)
     if "twosimplicial" in impls:
         f = lambda *a: two_simplicial_attention(*a, w1, w2, form=form, backend="triton")
-        fwd_ms, bwd_ms = time_fwd_bwd(f, (q, k1, v1, k2, v2), do, with_bwd)
-        rows.append(row(name, "twosimplicial", fwd_ms, bwd_ms, flops))
-    if "torch" in impls and Hq == Hkv and form == "trilinear":
+        timed["twosimplicial"] = (flops, *fwd_bwd_fns(f, (q, k1, v1, k2, v2), do, with_bwd))
+    if "torch" in impls and Hq == Hkv and form == "trilinear":   # slow: one forward, not interleaved
         f = lambda *a: chunked_two_simplicial_attention(*a, w1, w2, 1 / math.sqrt(D))[0]
         with torch.no_grad():
             fwd_ms = bench(lambda: f(q, k1, v1, k2, v2), warmup=1, rep=1)
         rows.append(row(name, "torch", fwd_ms, None, flops))
-    del q, k1, v1, k2, v2, do
     # FLOP-matched dot-product attention: q length S, kv length w1*w2, same heads and D
     L = w1 * w2
     sq = rand(B, Hq, S, D, gen=gen)
@@ -115,12 +127,20 @@ def run_case(name, spec, impls, gen):
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(a, b, c)
         try:
-            fwd_ms, bwd_ms = time_fwd_bwd(f, (sq, sk, sv), sdo, with_bwd)
+            timed[impl] = (sflops, *fwd_bwd_fns(f, (sq, sk, sv), sdo, with_bwd))
         except RuntimeError as e:                          # backend refused this shape
             print(f"{name} {impl}: {str(e)[:120]}")
-            continue
-        rows.append(row(name, impl, fwd_ms, bwd_ms, sflops))
-    del sq, sk, sv, sdo
+    ms = {impl: ([], []) for impl in timed}
+    for _ in range(rounds):
+        for impl, (_, fwd_fn, bwd_fn) in timed.items():
+            ms[impl][0].append(bench(fwd_fn))
+            if bwd_fn is not None:
+                ms[impl][1].append(bench(bwd_fn))
+    med = lambda xs: statistics.median(xs) if xs else None
+    for impl, (fl, *_) in timed.items():
+        fwd_r, bwd_r = ms[impl]
+        rows.append(row(name, impl, med(fwd_r), med(bwd_r), fl, fwd_r, bwd_r))
+    del q, k1, v1, k2, v2, do, sq, sk, sv, sdo, timed
     torch.cuda.empty_cache()
     return rows
 
@@ -174,6 +194,7 @@ def main():
     ap.add_argument("--tune", action="store_true", help="sweep forward configurations first")
     ap.add_argument("--quick", action="store_true", help="only gqa64 and mha")
     ap.add_argument("--cases", default=None, help="comma-separated case names")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case (median reported)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.tune:
@@ -184,11 +205,13 @@ def main():
         impls = {"twosimplicial", "sdpa-cudnn", "sdpa-flash"}
         if name in ("mha", "mha-d64"):
             impls.add("torch")
-        rows += run_case(name, CASES[name], impls, gen)
+        rows += run_case(name, CASES[name], impls, gen, args.rounds)
     dev = torch.cuda.get_device_name()
     gpu = re.sub(r"[^a-z0-9]+", "-", (re.search(r"[HABL]\d{2,3}\w*", dev) or [dev])[0].lower()).strip("-")
     date = datetime.date.today().isoformat()
-    res = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "date": date, "rows": rows}
+    res = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "date": date,
+           "method": f"median over {args.rounds} interleaved rounds of triton.testing.do_bench medians",
+           "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{gpu}-{date}.json")
     with open(path, "w") as fh:
@@ -202,6 +225,15 @@ def main():
         fmt = lambda v, spec: f"{v:{spec}}" if v is not None else f"{'-':>{spec.split('.')[0]}s}"
         print(f"{r['case']:18s} {r['impl']:14s} {fmt(r['fwd_ms'], '8.3f')} {fmt(r['fwd_tflops'], '7.1f')} "
               f"{fmt(r['bwd_ms'], '8.3f')} {fmt(r['bwd_tflops'], '7.1f')} {ratio('fwd_tflops')} {ratio('bwd_tflops')}")
+    for r in rows:                                          # round-by-round ratios (same round)
+        c = ref.get(r["case"], {})
+        if r["impl"] == "twosimplicial" and c.get("fwd_ms_rounds"):
+            for k in ("fwd", "bwd"):
+                ours, theirs = r.get(f"{k}_ms_rounds") or [], c.get(f"{k}_ms_rounds") or []
+                ratios = [(r[f"{k}_tflops"] * r[f"{k}_ms"] / a) / (c[f"{k}_tflops"] * c[f"{k}_ms"] / b)
+                          for a, b in zip(ours, theirs)]
+                if ratios:
+                    print(f"{r['case']:18s} {k}/cudnn by round: " + " ".join(f"{x:.3f}" for x in ratios))
     print("wrote", path)
 
 
