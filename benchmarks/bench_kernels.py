@@ -230,8 +230,10 @@ def main():
         if r["impl"] == "twosimplicial" and c.get("fwd_ms_rounds"):
             for k in ("fwd", "bwd"):
                 ours, theirs = r.get(f"{k}_ms_rounds") or [], c.get(f"{k}_ms_rounds") or []
-                ratios = [(r[f"{k}_tflops"] * r[f"{k}_ms"] / a) / (c[f"{k}_tflops"] * c[f"{k}_ms"] / b)
-                          for a, b in zip(ours, theirs)]
+                if not ours:
+                    continue
+                flop_ratio = (r[f"{k}_tflops"] * r[f"{k}_ms"]) / (c[f"{k}_tflops"] * c[f"{k}_ms"])
+                ratios = [flop_ratio * b / a for a, b in zip(ours, theirs)]
                 if ratios:
                     print(f"{r['case']:18s} {k}/cudnn by round: " + " ".join(f"{x:.3f}" for x in ratios))
     print("wrote", path)
