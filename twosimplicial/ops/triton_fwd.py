@@ -86,12 +86,13 @@ def _two_simplicial_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, P: tl.constexpr, G: tl.constexpr, T: tl.constexpr,
     DOT_PREC: tl.constexpr, ONE_CHUNK: tl.constexpr, PREFETCH_VS: tl.constexpr, INT64_IDX: tl.constexpr,
-    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NARROW: tl.constexpr, NEG_Z: tl.constexpr,
+    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NEG_Z: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = D == BLOCK_D
     EVEN_DV: tl.constexpr = DV == BLOCK_DV
     BLOCK_M: tl.constexpr = P * G * T
     NQ: tl.constexpr = P * G                       # distinct queries (position, head) per tile
+    NARROW: tl.constexpr = P > 1 and not EDGE_DOT  # right-edge keys by narrow masked blocks
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     hblk = pid % N_HBLK                            # head block fastest: neighbours share k_b in L2
@@ -408,9 +409,6 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         prec = "tf32" if allow_tf32 else "ieee"
     else:
         prec = "tf32"                              # ignored for 16-bit operands
-    # the tile's right edge (P - 1 keys): one folded key for P == 2 (edge_dot), else
-    # narrow masked blocks of block_n2 keys
-    narrow = P > 1 and not cfg["edge_dot"]
     block_n2 = min(cfg["BLOCK_N"], max(16, _pow2(P - 1)))
     # (the narrow pair is built even when unused: the kernel body that reads it is compiled anyway)
     descs = [_kv_desc(t, n) for n in (cfg["BLOCK_N"], block_n2) for t in (kb, vb)] if cfg["tma"] else [None]
@@ -430,7 +428,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         BLOCK_N=cfg["BLOCK_N"], BLOCK_N2=block_n2,
         P=P, G=G, T=cfg["T"], DOT_PREC=prec, ONE_CHUNK=ws <= cfg["T"], PREFETCH_VS=cfg["prefetch_vs"],
         INT64_IDX=cfg["int64_idx"] or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-        USE_TMA=use_tma, EDGE_DOT=cfg["edge_dot"], NARROW=narrow, NEG_Z=neg_z, num_warps=cfg["num_warps"],
+        USE_TMA=use_tma, EDGE_DOT=cfg["edge_dot"], NEG_Z=neg_z, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
     )
