@@ -124,7 +124,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     cut = tiny_lm_config(tmp_path, "cut", stop_at_step=5)       # dies at step 5; last checkpoint is step 3
     part = train(cut)
     assert part["step"] == 5 and latest_checkpoint(tmp_path / "cut").name == "step-0000003"
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(FileExistsError, match="--resume"):
         train(cut)
     cut["train"]["stop_at_step"] = 0
     resumed = train(cut, resume=True)

@@ -10,18 +10,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
+import tomllib
+
+# Errors that mean "the input was wrong" (a bad config value, a missing file, a run directory in
+# the wrong state): main() prints them as one line and exits 2. Anything else is a bug and keeps
+# its traceback (as do these with TWOSIMPLICIAL_DEBUG=1).
+USER_ERRORS = (ValueError, TypeError, OSError, tomllib.TOMLDecodeError)
+
+
+def _resume_command(argv: list[str]) -> str:
+    return shlex.join(["twosimplicial", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def _train(args) -> int:
-    from .train import load_config, train
+    from .train import TrainingInterrupted, latest_checkpoint, load_config, train
     cfg = load_config(args.config, args.set)
     if args.out_dir:
         cfg["run"]["out_dir"] = args.out_dir
-    summary = train(cfg, resume=args.resume)
     import torch.distributed as dist
+    try:
+        summary = train(cfg, resume=args.resume)
+    except TrainingInterrupted as e:
+        print(f"twosimplicial: interrupted after step {e.step}; checkpoint {e.checkpoint}\n"
+              f"  resume with: {_resume_command(args.argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:                         # several processes, or a second Ctrl-C
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            ck = latest_checkpoint(cfg["run"]["out_dir"])
+            print(f"twosimplicial: interrupted; last checkpoint: {ck or 'none'}"
+                  + (f"\n  resume with: {_resume_command(args.argv)}" if ck else ""), file=sys.stderr)
+        return 130
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(json.dumps({k: summary[k] for k in ("step", "train_loss", "tokens_per_s", "run_dir")}))
+        print(json.dumps({k: summary.get(k) for k in ("step", "train_loss", "tokens_per_s", "run_dir")}))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -39,17 +62,16 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     import torch
 
-    from .data import CodeCorpus
     from .generate import generate
-    from .train import load_model
+    from .train import load_model, run_corpus
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_model(args.run_dir, device)
     if cfg["data"]["task"] != "lm":
-        raise SystemExit(f"{args.run_dir} is a {cfg['data']['task']!r} run: generate needs a language model")
-    tok = CodeCorpus(cfg["corpus_dir"]).tokenizer              # the manifest names the tokenizer file
+        raise ValueError(f"{args.run_dir} is a {cfg['data']['task']!r} run: generate needs a language model")
+    tok = run_corpus(args.run_dir).tokenizer
     ids = tok.encode(args.prompt).ids
-    if not ids:
-        raise SystemExit("--prompt must not be empty")
     g = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -113,8 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    args.argv = argv
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        if os.environ.get("TWOSIMPLICIAL_DEBUG"):
+            raise
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        print(f"twosimplicial: error: {' '.join(msg.split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("twosimplicial: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

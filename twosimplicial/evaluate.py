@@ -10,7 +10,9 @@ Language-model runs:
 - ``math``: NLL of the worked solution given the question, on held-out word problems
   (disjoint from training by construction, see ``twosimplicial.data.math``).
 Each reports ``nll`` (token-weighted mean), ``nll_per_item`` (mean over items where
-items exist) and ``tokens``, as the paper's Table 2 does (lower is better).
+items exist), ``tokens`` and the number of ``items`` (or ``sequences``) scored, as the paper's
+Table 2 does (lower is better). The result also names the checkpoint (``checkpoint.step``) and
+the data digest it was computed from. Everything is read from the run directory.
 
 Match3 runs: accuracy and NLL on fresh validation sequences, with the accuracy of the
 per-position majority baseline beside it.
@@ -27,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import CodeCorpus, Match3Source, math_problems, position_baseline
-from .train import evaluate_batches, load_model
+from .checkpoint import write_atomic
+from .data import Match3Source, math_problems, position_baseline
+from .train import evaluate_batches, load_model, run_corpus
 
 log = logging.getLogger("twosimplicial.evaluate")
 
@@ -76,7 +79,7 @@ def code_nll(model, tokens: np.ndarray, seq_len: int, device, max_tokens: int, b
                       for s in range(start, min(start + batch_size, n_win))])
         batches.append((torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:])))
     r = evaluate_batches(model, tqdm(batches, desc="code", leave=False), device, contextlib.nullcontext())
-    return {"nll": r["loss"], "tokens": r["tokens"]}
+    return {"nll": r["loss"], "tokens": r["tokens"], "sequences": n_win}
 
 
 def humaneval_pairs(tok) -> list | None:
@@ -101,19 +104,24 @@ def evaluate_run(run_dir, out=None, device: str = "auto", max_tokens: int = 200_
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_model(run_dir, device)
+    out = Path(out) if out else Path(run_dir) / "eval.json"
+    if not out.parent.is_dir():                        # fail before the work, not after it
+        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
     data = cfg["data"]
     seed = cfg["run"]["seed"]
-    res = {"run_dir": str(run_dir), "task": data["task"], "parameters": cfg["parameters"]}
+    res = {"run_dir": str(run_dir), "task": data["task"], "parameters": cfg["parameters"],
+           "checkpoint": cfg["checkpoint"], "data_sha256": cfg.get("data_sha256")}
     if data["task"] == "match3":
         n, M = data["match3_n"], data["match3_M"]
         src = Match3Source(n, M, seed, "val")
         batches = [tuple(torch.from_numpy(a) for a in src.get_many(np.arange(b * batch_size, (b + 1) * batch_size)))
                    for b in range(match3_batches)]
         r = evaluate_batches(model, batches, device, contextlib.nullcontext())
-        res["match3"] = {"accuracy": r["accuracy"], "nll": r["loss"], "tokens": r["tokens"], "n": n, "M": M,
+        res["match3"] = {"accuracy": r["accuracy"], "nll": r["loss"], "tokens": r["tokens"],
+                         "sequences": match3_batches * batch_size, "n": n, "M": M,
                          "position_baseline_accuracy": position_baseline(n, M)}
     else:
-        corpus = CodeCorpus(cfg["corpus_dir"])
+        corpus = run_corpus(run_dir)
         tok, L = corpus.tokenizer, data["seq_len"]
         res["code"] = code_nll(model, corpus.tokens("val"), L, device, max_tokens, batch_size)
         pairs = humaneval_pairs(tok) if humaneval else None
@@ -122,6 +130,5 @@ def evaluate_run(run_dir, out=None, device: str = "auto", max_tokens: int = 200_
         probs = math_problems(math_problems_n, seed, "eval")
         mpairs = [(tok.encode(p.prompt).ids, tok.encode(p.target).ids) for p in probs]
         res["math"] = score_continuations(model, mpairs, device, L, batch_size, "math")
-    out = Path(out) if out else Path(run_dir) / "eval.json"
-    out.write_text(json.dumps(res, indent=2))
+    write_atomic(out, json.dumps(res, indent=2, allow_nan=False))
     return res

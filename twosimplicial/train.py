@@ -3,7 +3,8 @@
     twosimplicial train configs/cpu_smoke.toml --set train.max_steps=50 [--resume]
 
 A config is TOML with four tables, merged over ``DEFAULTS`` (``--set section.key=value``
-overrides one entry; the value is parsed as TOML, else taken as a string):
+overrides one entry; the value is parsed as TOML, else taken as a string; every value is then
+type-checked against its field, so ``--set train.compile=False`` is an error naming the key):
 
 - ``[run]``: ``out_dir``, ``seed``, ``device`` ("auto" | "cpu" | "cuda");
 - ``[model]``: ``preset`` plus any ``ModelConfig`` field; ``vocab_size``, ``output_size`` and
@@ -18,39 +19,56 @@ weight decay 0.0125, 4000 warm-up steps and decay to 1% of the peak; those are t
 defaults here except the warm-up, which a short run must scale down (configs set it).
 Weight decay applies to matrices (embeddings included), not to norm gains.
 
-Output directory: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object a
-line: ``{"kind": "train", step, loss, lr, tokens, tokens_per_s, time}`` and ``{"kind":
-"eval", step, <source>: {loss, ...}}``), ``tb/`` (TensorBoard, when installed),
-``checkpoints/step-XXXXXXX/`` (``model.safetensors``, ``state.pt`` with optimiser,
-scheduler, data-position and counters, ``rng-<rank>.pt`` per process) and
-``checkpoints/latest`` naming the newest complete one (written last, atomically).
+Run directory (self-contained: ``eval`` and ``generate`` need nothing else)::
 
-Resuming restores all of that and truncates ``metrics.jsonl`` to the checkpoint's step,
-so a run killed and resumed logs the same loss curve as one that was never stopped
-(bit for bit on CPU; tested).
+    config.json      the resolved config, parameter counts, data_sha256 (corpus + tokenizer)
+    metrics.jsonl    one JSON object a line: {"kind": "train", step, loss, lr, tokens, tokens_per_s,
+                     time}, {"kind": "eval", step, tokens, <source>: {loss, accuracy, tokens}} and
+                     {"kind": "config", step, changes: {key: [old, new]}} for a change on resume
+    summary.json     written when the run ends
+    data/            manifest, tokenizer and validation tokens of the code corpus (``lm`` runs)
+    checkpoints/     step-XXXXXXX/ and ``latest`` (``twosimplicial.checkpoint``)
+    tb/              TensorBoard, when installed
+
+Resume (``resume=True``, ``--resume``): continues from the checkpoint ``latest`` names, or,
+when that is missing or corrupt, from the newest intact one (with a warning); stops with an
+error when no checkpoint is intact. Nothing in the run directory is changed before a checkpoint
+has loaded. The loss curve is the one an uninterrupted run logs, bit for bit on CPU, whatever
+``log_interval`` and ``ckpt_interval`` are. The config must be the run's own: a change to
+``[model]``, ``[data]`` (other than ``cache_dir``), ``run.seed`` or any ``[train]`` key outside
+``RESUMABLE_TRAIN_KEYS`` is refused with the list of differences. ``train.max_steps`` may only
+grow; the schedule keeps the horizon the run started with, so extra steps run at the final
+learning rate. Each accepted change is recorded in ``metrics.jsonl``. ``--resume`` on a finished
+run changes nothing and returns its summary.
+
+Ctrl-C (one process): the step in flight finishes, a checkpoint is saved and
+``TrainingInterrupted`` names it; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
-import random
-import shutil
+import signal
+import sys
+import threading
 import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import DataConfig, make_data, prepare_corpus
+from . import checkpoint
+from .config_types import check_types
+from .data import CodeCorpus, DataConfig, make_data, prepare_corpus
 from .models import ModelConfig, TwoSimplicialLM, count_parameters
 
 
@@ -78,6 +96,7 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        check_types("train", self)
         for name in ("max_steps", "grad_accum", "log_interval", "eval_batches", "keep_checkpoints"):
             _pos_int(f"train.{name}", getattr(self, name), 1)
         for name in ("warmup_steps", "eval_interval", "ckpt_interval", "stop_at_step"):
@@ -101,6 +120,20 @@ DEFAULTS = {
     "data": {},
     "train": {},
 }
+
+
+# [train] keys that may differ on resume: they change how a run is watched, saved or executed,
+# not what it computes (max_steps may only grow; see the module docstring).
+RESUMABLE_TRAIN_KEYS = ("max_steps", "stop_at_step", "log_interval", "eval_interval", "ckpt_interval",
+                        "keep_checkpoints", "progress", "compile")
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped a run; ``checkpoint`` is the checkpoint holding its last completed step."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"interrupted at step {step}; last checkpoint: {checkpoint}")
 
 
 def _pos_int(name, v, minimum):
@@ -154,8 +187,15 @@ def check_run(cfg: dict) -> None:
         raise ValueError(f"unknown [run] keys {sorted(unknown)}; known: {sorted(DEFAULTS['run'])}")
     if isinstance(run["seed"], bool) or not isinstance(run["seed"], int):
         raise TypeError(f"run.seed must be an int, got {run['seed']!r}")
-    if not isinstance(run["out_dir"], (str, os.PathLike)):
+    if not 0 <= run["seed"] < 2**32:
+        raise ValueError(f"run.seed must be in [0, 2**32), got {run['seed']!r}")
+    if not isinstance(run["out_dir"], (str, os.PathLike)) or not str(run["out_dir"]):
         raise TypeError(f"run.out_dir must be a path string, got {run['out_dir']!r}")
+    if run["device"] not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"run.device must be 'auto', 'cpu' or 'cuda', got {run['device']!r}")
+    for table in ("model", "data", "train"):
+        if not isinstance(cfg[table], dict):
+            raise TypeError(f"[{table}] must be a table, got {cfg[table]!r}")
 
 
 def train_config(cfg: dict) -> TrainConfig:
@@ -168,6 +208,10 @@ def train_config(cfg: dict) -> TrainConfig:
     return t
 
 
+def data_config(cfg: dict) -> DataConfig:
+    return DataConfig.from_dict(dict(cfg["data"]))
+
+
 def model_config(cfg: dict, vocab_size: int, output_size: int | None, seq_len: int) -> ModelConfig:
     m = dict(cfg["model"])
     preset = m.pop("preset", None)
@@ -175,18 +219,23 @@ def model_config(cfg: dict, vocab_size: int, output_size: int | None, seq_len: i
     if output_size is not None:
         m["output_size"] = output_size
         m.setdefault("tie_embeddings", output_size == vocab_size)
-    mc = ModelConfig.from_preset(preset, **m) if preset else ModelConfig(**m)
+    try:
+        mc = ModelConfig.from_preset(preset, **m) if preset else ModelConfig(**m)
+    except (TypeError, ValueError) as e:                  # ModelConfig names the field; say which table
+        raise type(e)(f"[model] {e}") from None
     if mc.max_seq_len < seq_len:
         mc = ModelConfig(**{**mc.to_dict(), "max_seq_len": seq_len})
     return mc
 
 
-def lr_lambda(step: int, t: TrainConfig) -> float:
+def lr_lambda(step: int, t: TrainConfig, horizon: int | None = None) -> float:
     """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warm-up to 1 over
-    ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``max_steps``."""
+    ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``horizon`` (default
+    ``max_steps``; a run extended on resume keeps its first horizon), flat after it."""
+    horizon = t.max_steps if horizon is None else horizon
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
-    span = max(1, t.max_steps - t.warmup_steps)
+    span = max(1, horizon - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -206,8 +255,6 @@ class Dist:
 def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if device_pref not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"run.device must be 'auto', 'cpu' or 'cuda', got {device_pref!r}")
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("run.device='cuda' but CUDA is not available")
     if world == 1:
@@ -255,59 +302,37 @@ def _load_full_state(model, optimizer, msd, osd, fsdp: bool):
         optimizer.load_state_dict(osd)
 
 
-def _rng_state(device) -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(device)
-    return s
-
-
-def _set_rng_state(s: dict, device) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if device.type == "cuda" and "cuda" in s:
-        torch.cuda.set_rng_state(s["cuda"], device)
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, loader, counters: dict,
-                    d: Dist, device, fsdp: bool, keep: int) -> Path:
-    ckdir = run_dir / "checkpoints"
-    path = ckdir / f"step-{step:07d}"
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, d: Dist, device,
+                    fsdp: bool, keep: int) -> Path:
+    """Write the checkpoint of ``step`` (every rank takes part; see ``twosimplicial.checkpoint``)."""
     msd, osd = _full_state(model, optimizer, fsdp)
+    tmp = checkpoint.partial_dir(run_dir, step)
     if d.main:
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        checkpoint.begin(run_dir, step)
         # clone: safetensors refuses tensors that share memory (a tied head); both names are kept
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in msd.items()},
-                  str(path / "model.safetensors"), metadata={"step": str(step)})
-        torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                    "step": step, **counters}, path / "state.pt")
+                  str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(), **state, "step": step}, tmp / "state.pt")
     _barrier(d)
-    torch.save(_rng_state(device), path / f"rng-{d.rank}.pt")
+    torch.save(checkpoint.rng_state(device), tmp / f"rng-{d.rank}.pt")
     _barrier(d)
-    if d.main:
-        tmp = ckdir / "latest.tmp"
-        tmp.write_text(path.name)
-        os.replace(tmp, ckdir / "latest")                 # the checkpoint counts once this lands
-        old = sorted(p for p in ckdir.glob("step-*") if p.is_dir() and p != path)
-        for p in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(p)
+    path = checkpoint.commit(run_dir, step, keep) if d.main else run_dir / "checkpoints" / checkpoint.step_name(step)
     _barrier(d)
     return path
 
 
+def _warn(msg: str) -> None:
+    print(f"twosimplicial: warning: {msg}", file=sys.stderr)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    f = Path(run_dir) / "checkpoints" / "latest"
-    if not f.is_file():
-        return None
-    p = f.parent / f.read_text().strip()
-    return p if (p / "state.pt").is_file() else None
+    """The checkpoint a resume or an evaluation of ``run_dir`` loads (verified), or ``None`` if it has none."""
+    return checkpoint.resolve(run_dir, warn=_warn)
 
 
 def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[TwoSimplicialLM, dict]:
-    """The model of a run directory at its latest checkpoint, in eval mode, and the run's config."""
+    """The model of a run directory at its latest intact checkpoint, in eval mode, and the run's
+    config (with ``cfg["checkpoint"] = {"name", "step"}`` added)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -318,7 +343,17 @@ def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[TwoSimplicialL
         raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
     model = TwoSimplicialLM(ModelConfig.from_dict(cfg["model_resolved"]))
     model.load_state_dict(load_file(str(ck / "model.safetensors")))
+    cfg["checkpoint"] = {"name": ck.name, "step": int(json.loads((ck / checkpoint.MANIFEST).read_text())["step"])}
     return model.to(device).eval(), cfg
+
+
+def run_corpus(run_dir: str | os.PathLike) -> CodeCorpus:
+    """The tokenizer and validation tokens an ``lm`` run directory carries in ``data/``."""
+    data_dir = Path(run_dir) / "data"
+    if not (data_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no data/ directory (tokenizer and validation tokens): "
+                                "it is not a language-model run, or it is incomplete")
+    return CodeCorpus(data_dir)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -357,6 +392,7 @@ def _param_groups(model, weight_decay):
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (atomically: a kill leaves the old or the new file)."""
     if not path.is_file():
         return
     keep = []
@@ -367,31 +403,109 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if rec["step"] <= step:
             keep.append(ln)
-    path.write_text("".join(ln + "\n" for ln in keep))
+    checkpoint.write_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in d.items()}
+
+
+def config_changes(saved: dict, resolved: dict, step: int) -> dict:
+    """Differences ``{key: [old, new]}`` between a run's saved config and the one it is resumed
+    with; raises ``ValueError`` listing every difference that is not safe to make mid-run."""
+    old = {**_flat("run", {"seed": saved["run"]["seed"]}), **_flat("model", saved["model_resolved"]),
+           **_flat("data", saved["data"]), **_flat("train", saved["train"]), "data_sha256": saved.get("data_sha256")}
+    new = {**_flat("run", {"seed": resolved["run"]["seed"]}), **_flat("model", resolved["model_resolved"]),
+           **_flat("data", resolved["data"]), **_flat("train", resolved["train"]),
+           "data_sha256": resolved["data_sha256"]}
+    changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    allowed = {f"train.{k}" for k in RESUMABLE_TRAIN_KEYS} | {"data.cache_dir"}
+    refused = [k for k in changes if k not in allowed]
+    if "train.max_steps" in changes and changes["train.max_steps"][1] < max(changes["train.max_steps"][0], step):
+        refused.append("train.max_steps")
+    if refused:
+        listing = ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+        raise ValueError(f"cannot resume {resolved['run']['out_dir']} with a different config ({listing}). "
+                         f"Only {', '.join('train.' + k for k in RESUMABLE_TRAIN_KEYS)} and data.cache_dir may "
+                         "change on resume, and train.max_steps may only grow; start a new run (another "
+                         "run.out_dir) to change the others")
+    return changes
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current step (one process, main
+    thread only); the second one raises ``KeyboardInterrupt`` as usual."""
+
+    def __init__(self, active: bool):
+        self.requested = False
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self._old = None
+
+    def __enter__(self):
+        if self.active:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def train(cfg: dict, resume: bool = False) -> dict:
-    """Run (or resume) the training described by ``cfg`` (see ``load_config``); returns a summary."""
+    """Run (or resume) the training described by ``cfg`` (see ``load_config``); returns a summary.
+
+    Everything is validated, and on resume the checkpoint is verified and loaded, before
+    anything in the run directory is written."""
     check_run(cfg)
     t = train_config(cfg)
-    data_cfg = DataConfig.from_dict(dict(cfg["data"]))
+    data_cfg = data_config(cfg)
     seed = cfg["run"]["seed"]
     d, device = init_distributed(cfg["run"]["device"])
     run_dir = Path(cfg["run"]["out_dir"])
     fsdp = d.world_size > 1 and t.distributed == "fsdp"
 
-    ck = latest_checkpoint(run_dir)
-    if ck is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another run.out_dir")
+    warn = _warn if d.main else None
+    if resume:
+        ck = checkpoint.resolve(run_dir, d.rank, warn=warn)
+        if ck is None:
+            raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint (start the run without --resume)")
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: its config.json is missing")
+    else:
+        ck = None
+        if checkpoint.step_dirs(run_dir) or (run_dir / "checkpoints" / "latest").exists():
+            raise FileExistsError(f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, "
+                                  "or choose another run.out_dir")
     if d.main:
         prepare_corpus(data_cfg, progress=t.progress)    # build the corpus once, before the other ranks read it
     _barrier(d)
     data = make_data(data_cfg, seed=seed, rank=d.rank, world_size=d.world_size, progress=False)
     mcfg = model_config(cfg, data.vocab_size, data.output_size, data_cfg.seq_len)
+    params = count_parameters(mcfg)
+    resolved = {**cfg, "data": asdict(data_cfg), "train": asdict(t), "model_resolved": mcfg.to_dict(),
+                "parameters": params, "world_size": d.world_size, "data_sha256": data.sha256()}
+
+    state, rng, changes, horizon = None, None, {}, t.max_steps
+    if ck is not None:
+        saved = json.loads((run_dir / "config.json").read_text())
+        state = checkpoint.load_pt(ck / "state.pt")
+        changes = config_changes(saved, resolved, state["step"])
+        rng = checkpoint.load_pt(ck / f"rng-{d.rank}.pt")
+        horizon = state["schedule_steps"]
+        if state["step"] >= t.max_steps:
+            if warn:
+                warn(f"{run_dir} finished at step {state['step']} (train.max_steps={t.max_steps}); nothing to do. "
+                     "To train further, raise train.max_steps")
+            summary = run_dir / "summary.json"
+            return json.loads(summary.read_text()) if summary.is_file() else {"step": state["step"], "run_dir": str(run_dir)}
 
     torch.manual_seed(seed)                               # same init on every rank
     model = TwoSimplicialLM(mcfg).to(device)
-    params = count_parameters(mcfg)
     raw = model
     if t.compile:
         model.compile()
@@ -406,32 +520,32 @@ def train(cfg: dict, resume: bool = False) -> dict:
                 model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(_param_groups(raw, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                   eps=t.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, t))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, t, horizon))
     amp = _autocast(device, t)
 
     step, tokens, elapsed = 0, 0, 0.0
+    interval_loss = torch.zeros((), device=device)       # loss summed since the last log line
+    interval_steps = 0
     metrics_path = run_dir / "metrics.jsonl"
     if ck is not None:
-        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
         msd = load_file(str(ck / "model.safetensors"))
         _load_full_state(raw, optimizer, msd, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         data.train.load_state_dict(state["loader"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-        rng_file = ck / f"rng-{d.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False), device)
-        if d.main:
-            _truncate_metrics(metrics_path, step)
-    elif d.main:
-        metrics_path.unlink(missing_ok=True)              # fresh start: drop the log of a run killed before its first checkpoint
+        interval_loss.copy_(state["interval_loss"])
+        interval_steps = state["interval_steps"]
+        checkpoint.set_rng_state(rng, device)
+    _barrier(d)                                           # every rank has loaded: now the run directory may change
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {**cfg, "data": asdict(data_cfg), "train": asdict(t), "model_resolved": mcfg.to_dict(),
-                    "parameters": params, "world_size": d.world_size}
-        if data.corpus is not None:
-            resolved["corpus_dir"] = str(data.corpus.dir)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+        if ck is not None:
+            _truncate_metrics(metrics_path, step)
+        else:
+            metrics_path.unlink(missing_ok=True)          # fresh start: drop the log of a run killed before its first checkpoint
+        if data.corpus is not None and not (run_dir / "data" / "manifest.json").is_file():
+            data.corpus.copy_for_eval(run_dir / "data")
+        checkpoint.write_atomic(run_dir / "config.json", json.dumps(resolved, indent=2))
     _barrier(d)
 
     tb = None
@@ -446,77 +560,89 @@ def train(cfg: dict, resume: bool = False) -> dict:
     def log(rec: dict):
         if not d.main:
             return
-        metrics.write(json.dumps(rec) + "\n")
+        metrics.write(json.dumps(rec, allow_nan=False) + "\n")
         metrics.flush()
         if tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
                     tb.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
-                elif isinstance(v, dict):
+                elif isinstance(v, dict) and rec["kind"] == "eval":
                     for kk, vv in v.items():
                         tb.add_scalar(f"eval/{k}/{kk}", vv, rec["step"])
+
+    if changes:
+        log({"kind": "config", "step": step, "changes": changes})
 
     def run_eval():
         model.eval()
         res = {name: evaluate_batches(model, data.val_batches(name, t.eval_batches, data_cfg.batch_size), device, amp)
                for name in data.val_sources}
         model.train()
-        log({"kind": "eval", "step": step, **res})
+        log({"kind": "eval", "step": step, "tokens": tokens, **res})
         return res
+
+    def save():
+        return save_checkpoint(run_dir, step, raw, optimizer, scheduler,
+                               {"loader": data.train.state_dict(), "tokens": tokens, "elapsed": elapsed,
+                                "interval_loss": interval_loss.detach().cpu().clone(), "interval_steps": interval_steps,
+                                "schedule_steps": horizon},
+                               d, device, fsdp, t.keep_checkpoints)
 
     tokens_per_step = data_cfg.batch_size * data_cfg.seq_len * t.grad_accum * d.world_size
     stop = min(t.max_steps, t.stop_at_step or t.max_steps)
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not (d.main and t.progress), dynamic_ncols=True)
     model.train()
-    interval_loss = torch.zeros((), device=device)
-    interval_steps, interval_t0 = 0, time.perf_counter()
-    last_eval, last_loss = None, float("nan")
-    while step < stop:
-        t0 = time.perf_counter()
-        for micro in range(t.grad_accum):
-            x, y = data.train.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last = micro == t.grad_accum - 1
-            sync = contextlib.nullcontext()
-            if d.world_size > 1 and not last:
-                if fsdp:
-                    model.set_requires_gradient_sync(False)
-                else:
-                    sync = model.no_sync()
-            elif fsdp:
-                model.set_requires_gradient_sync(True)
-            with sync, amp:
-                _, loss = model(x, y)
-            (loss / t.grad_accum).backward()
-            interval_loss += loss.detach() / t.grad_accum
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        interval_steps += 1
-        elapsed += time.perf_counter() - t0
-        bar.update(1)
-        if step % t.log_interval == 0 or step == stop:
-            mean_loss = _mean_across(interval_loss / interval_steps, d).item()
-            now = time.perf_counter()
-            tps = interval_steps * tokens_per_step / (now - interval_t0)
-            last_loss = mean_loss
-            log({"kind": "train", "step": step, "loss": mean_loss, "lr": lr, "tokens": tokens,
-                 "tokens_per_s": tps, "time": elapsed})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
-            interval_loss.zero_()
-            interval_steps, interval_t0 = 0, time.perf_counter()
-        if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
-            last_eval = run_eval()
-            interval_t0 = time.perf_counter()
-        if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == t.max_steps:
-            save_checkpoint(run_dir, step, raw, optimizer, scheduler, data.train,
-                            {"tokens": tokens, "elapsed": elapsed}, d, device, fsdp, t.keep_checkpoints)
-            interval_t0 = time.perf_counter()
+    interval_t0 = time.perf_counter()
+    last_eval, last_loss, saved_step = None, None, step
+    with _StopRequest(active=d.world_size == 1) as stop_request:
+        while step < stop:
+            t0 = time.perf_counter()
+            for micro in range(t.grad_accum):
+                x, y = data.train.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                last = micro == t.grad_accum - 1
+                sync = contextlib.nullcontext()
+                if d.world_size > 1 and not last:
+                    if fsdp:
+                        model.set_requires_gradient_sync(False)
+                    else:
+                        sync = model.no_sync()
+                elif fsdp:
+                    model.set_requires_gradient_sync(True)
+                with sync, amp:
+                    _, loss = model(x, y)
+                (loss / t.grad_accum).backward()
+                interval_loss += loss.detach() / t.grad_accum
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            interval_steps += 1
+            elapsed += time.perf_counter() - t0
+            bar.update(1)
+            if step % t.log_interval == 0 or step == stop:
+                mean_loss = _mean_across(interval_loss / interval_steps, d).item()
+                now = time.perf_counter()
+                tps = interval_steps * tokens_per_step / (now - interval_t0)
+                last_loss = mean_loss
+                log({"kind": "train", "step": step, "loss": mean_loss, "lr": lr, "tokens": tokens,
+                     "tokens_per_s": tps, "time": elapsed})
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
+                interval_loss.zero_()
+                interval_steps, interval_t0 = 0, time.perf_counter()
+            if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
+                last_eval = run_eval()
+                interval_t0 = time.perf_counter()
+            if (t.ckpt_interval and step % t.ckpt_interval == 0) or step == t.max_steps or stop_request.requested:
+                save()
+                saved_step = step
+                interval_t0 = time.perf_counter()
+            if stop_request.requested:
+                break
     bar.close()
     if step == t.max_steps:
         last_eval = run_eval()
@@ -524,9 +650,12 @@ def train(cfg: dict, resume: bool = False) -> dict:
         metrics.close()
     if tb is not None:
         tb.close()
+    if stop_request.requested:
+        raise TrainingInterrupted(step, run_dir / "checkpoints" / checkpoint.step_name(saved_step))
     summary = {"step": step, "tokens": tokens, "train_loss": last_loss, "eval": last_eval,
                "tokens_per_s": tokens / elapsed if elapsed else None, "train_time_s": elapsed,
-               "parameters": params, "run_dir": str(run_dir), "world_size": d.world_size}
+               "parameters": params, "run_dir": str(run_dir), "world_size": d.world_size,
+               "data_sha256": resolved["data_sha256"]}
     if d.main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        checkpoint.write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
     return summary

@@ -1,7 +1,8 @@
 """Code corpus from the Python source files installed on this machine.
 
 Pipeline (all offline, deterministic):
-1. walk the roots (default: the standard library and site-packages) for ``*.py``;
+1. walk the roots (default: the standard library and site-packages) for ``*.py``, skipping
+   symbolic links that lead out of their root;
 2. read each file as UTF-8 (skip undecodable and oversized files), deduplicate by
    the SHA-256 of its bytes;
 3. split by file: a file is in validation iff ``int(sha256[:8], 16) % 10_000 <
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,6 +107,8 @@ def collect_files(cfg: CodeCorpusConfig) -> tuple[list[tuple[str, str]], dict]:
                 path = os.path.join(dirpath, fn)
                 if not os.path.isfile(path):
                     continue
+                if os.path.islink(path) and not os.path.realpath(path).startswith(root + os.sep):
+                    continue                          # a link out of the tree: not this root's source
                 stats["found"] += 1
                 if os.path.getsize(path) > cfg.max_file_bytes:
                     stats["skipped_large"] += 1
@@ -203,8 +207,14 @@ def build_code_corpus(cfg: CodeCorpusConfig, cache_dir: str | Path | None = None
     return out
 
 
+EVAL_FILES = ("manifest.json", "tokenizer.json", "val.bin")
+
+
 class CodeCorpus:
-    """A built corpus: tokenizer, manifest and memory-mapped token arrays."""
+    """A built corpus: tokenizer, manifest and memory-mapped token arrays.
+
+    A run directory holds a copy of the files evaluation needs (``EVAL_FILES``, via
+    ``copy_for_eval``), so a run can be evaluated after the corpus cache is gone."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -220,3 +230,23 @@ class CodeCorpus:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         return np.memmap(self.dir / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
+
+    def sha256(self) -> str:
+        """Digest of the corpus and its tokenizer: equal digests mean the same tokens and the same ids."""
+        parts = {}
+        for name in ("tokenizer.json", "train.bin", "val.bin"):
+            with open(self.dir / name, "rb") as f:
+                parts[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def copy_for_eval(self, dest: str | Path) -> Path:
+        """Copy the manifest, tokenizer and validation tokens into ``dest`` (a self-contained run's ``data/``)."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for name in EVAL_FILES:
+            shutil.copyfile(self.dir / name, tmp / name)
+        os.replace(tmp, dest)
+        return dest

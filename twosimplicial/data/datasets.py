@@ -7,12 +7,15 @@ Two tasks:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config_types import check_types
 from .code import CodeCorpus, CodeCorpusConfig, build_code_corpus
 from .loader import MixtureLoader, TokenChunks
 from .match3 import Match3Source, balanced_modulus
@@ -45,6 +48,13 @@ class DataConfig:
         if unknown:
             raise ValueError(f"unknown [data] keys {sorted(unknown)}; known: {sorted(names)}")
         cfg = cls(**d)
+        check_types("data", cfg)
+        for name in ("seq_len", "batch_size", "vocab_size", "match3_n"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
+        for name in ("code_max_bytes", "code_max_file_bytes", "tokenizer_sample_bytes", "math_problems", "match3_M"):
+            if getattr(cfg, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(cfg, name)}")
         if cfg.task not in ("lm", "match3"):
             raise ValueError(f"data.task must be 'lm' or 'match3', got {cfg.task!r}")
         if not isinstance(cfg.weights, dict):
@@ -83,6 +93,15 @@ class Data:
     vocab_size: int
     output_size: int | None                # None: predict tokens (vocab_size); else number of classes
     corpus: CodeCorpus | None = None
+
+    def sha256(self) -> str:
+        """Digest of what the model is trained on: the corpus and tokenizer for ``lm`` (see
+        ``CodeCorpus.sha256``), the generating settings for ``match3`` (its data are a pure
+        function of them and the seed)."""
+        if self.corpus is not None:
+            return self.corpus.sha256()
+        spec = {"task": self.cfg.task, "match3_n": self.cfg.match3_n, "match3_M": self.cfg.match3_M}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def val_batches(self, name: str, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         src = self.val_sources[name]
