@@ -1,6 +1,9 @@
 """CLI smoke: train (killed with SIGKILL, then --resume) -> eval -> generate, and the demo."""
 import json
 import os
+import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -145,3 +148,72 @@ def test_evaluate_run_rejects_bad_counts(tmp_path, kw, exc, match):
     from twosimplicial.evaluate import evaluate_run
     with pytest.raises(exc, match=match):                      # checked before the run directory is read
         evaluate_run(tmp_path / "nothing", **kw)
+
+
+@pytest.mark.parametrize("case", ["missing config", "unknown key", "bad bool", "existing run", "no checkpoint",
+                                  "eval out dir"])
+def test_cli_user_errors_are_one_line(tmp_path, case):
+    cfg = write_config(tmp_path, "x")
+    if case in ("existing run", "eval out dir"):
+        assert cli("train", cfg, "--set", "train.max_steps=2").returncode == 0
+    args = {"missing config": ["train", tmp_path / "nope.toml"],
+            "unknown key": ["train", cfg, "--set", "train.bogus=1"],
+            "bad bool": ["train", cfg, "--set", "train.compile=False"],
+            "existing run": ["train", cfg, "--set", "train.max_steps=2"],
+            "no checkpoint": ["train", cfg, "--resume"],
+            "eval out dir": ["eval", tmp_path / "x", "--out", tmp_path / "missing" / "e.json"]}[case]
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("twosimplicial: error: "), r.stderr
+    want = {"missing config": "nope.toml", "unknown key": "bogus", "bad bool": "train.compile",
+            "existing run": "--resume", "no checkpoint": "nothing to resume", "eval out dir": "does not exist"}[case]
+    assert want in lines[0]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    ref = write_config(tmp_path, "ref")
+    assert cli("train", ref, "--set", "train.max_steps=30").returncode == 0
+    cfg = write_config(tmp_path, "int")
+    args = ["train", str(cfg), "--set", "train.max_steps=30", "--set", "train.ckpt_interval=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "twosimplicial.cli", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "int" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    m = re.search(r"resume with: (.*)", err)
+    assert m and m.group(1).split()[:2] == ["twosimplicial", "train"] and m.group(1).endswith("--resume")
+    ck = re.search(r"checkpoint (\S+)", err).group(1)
+    assert Path(ck).is_dir() and (Path(ck) / "manifest.json").is_file()
+    res = cli(*shlex.split(m.group(1))[1:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert train_losses(tmp_path / "int") == train_losses(tmp_path / "ref")
+
+
+def test_sigkill_at_random_moments_always_resumes_to_the_same_curve(tmp_path):
+    """log_interval 3 and ckpt_interval 4 are coprime: checkpoints fall mid-interval."""
+    sets = ["--set", "train.max_steps=40", "--set", "train.log_interval=3", "--set", "train.ckpt_interval=4"]
+    assert cli("train", write_config(tmp_path, "ref"), *sets).returncode == 0
+    cfg = write_config(tmp_path, "kill")
+    rng = random.Random(0)
+    for _ in range(3):                                 # a bounded number of kills at random moments
+        resume = ["--resume"] if (tmp_path / "kill" / "checkpoints" / "latest").is_file() else []
+        proc = subprocess.Popen([sys.executable, "-m", "twosimplicial.cli", "train", str(cfg), *sets, *resume],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resume = ["--resume"] if (tmp_path / "kill" / "checkpoints" / "latest").is_file() else []
+    r = cli("train", cfg, *sets, *resume)
+    if r.returncode != 0:
+        pytest.fail(r.stderr[-3000:])
+    assert train_losses(tmp_path / "kill") == train_losses(tmp_path / "ref")

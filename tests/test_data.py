@@ -75,6 +75,22 @@ def test_corpus_dedup_and_split_by_content(tmp_path):
     assert m2["splits"]["val"]["files"] == m["splits"]["val"]["files"]
 
 
+def test_corpus_does_not_follow_links_out_of_its_root(tmp_path):
+    from twosimplicial.data.code import collect_files
+    src, outside = tmp_path / "src", tmp_path / "secret"
+    src.mkdir()
+    outside.mkdir()
+    (src / "a.py").write_text("a = 1\n")
+    (src / "b.py").write_text("b = 2\n")
+    (outside / "key.py").write_text("TOKEN = 'not for the corpus'\n")
+    os.symlink(outside / "key.py", src / "link_out.py")
+    os.symlink(src / "b.py", src / "link_in.py")             # inside the root: a duplicate, harmless
+    os.symlink(outside, src / "dir_out")                     # directory links are not walked either
+    files, stats = collect_files(CodeCorpusConfig(roots=[str(src)]))
+    assert sorted(os.path.basename(p) for _, p in files) in (["a.py", "b.py"], ["a.py", "link_in.py"])
+    assert stats["duplicates"] == 1
+
+
 def _take(loader, n):
     return [loader.next_batch() for _ in range(n)]
 
