@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from twosimplicial import two_simplicial_attention
+from twosimplicial.ops.decode import decode_two_simplicial_attention
 
 from helpers import make_inputs
 
@@ -130,3 +131,60 @@ def test_triton_backend_rejects_float64():
     ins = [t.double() for t in good()]
     with pytest.raises((TypeError, RuntimeError), match="backend='triton'"):
         call(ins, backend="triton")
+
+
+# --- the decode step shares the op's checks ------------------------------------------------------
+
+def decode_inputs():
+    """``(q [1, 1, 2, 4], k1, v1, k2, v2)`` with windows of 3 (k1, v1) and 2 (k2, v2) positions."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 2, 4, generator=g)
+    k1, v1 = (torch.randn(1, 3, 1, 4, generator=g) for _ in range(2))
+    k2, v2 = (torch.randn(1, 2, 1, 4, generator=g) for _ in range(2))
+    return [q, k1, v1, k2, v2]
+
+
+def test_decode_accepts_good_inputs():
+    out, lse = decode_two_simplicial_attention(*decode_inputs(), return_lse=True)
+    assert out.shape == (1, 1, 2, 4) and lse.shape == (1, 2, 1) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_decode_rejects_non_float_dtypes(dtype):
+    ins = [t.to(dtype) for t in decode_inputs()]
+    with pytest.raises(TypeError, match=rf"q must be float16, bfloat16, float32 or float64, got {dtype}"):
+        decode_two_simplicial_attention(*ins)
+
+
+def test_decode_rejects_zero_head_dim():
+    ins = decode_inputs()
+    for i in (0, 1, 3):                                               # q, k1, k2: D = 0
+        ins[i] = ins[i][..., :0]
+    with pytest.raises(ValueError, match="head dims must be >= 1, got D=0"):
+        decode_two_simplicial_attention(*ins)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_decode_return_lse_not_bool(bad):
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        decode_two_simplicial_attention(*decode_inputs(), return_lse=bad)
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_decode_not_a_tensor(i):
+    ins = decode_inputs()
+    ins[i] = ins[i].tolist()
+    with pytest.raises(TypeError, match=rf"{NAMES[i]} must be a torch.Tensor, got list"):
+        decode_two_simplicial_attention(*ins)
+
+
+@pytest.mark.parametrize("k,v", [(1, 2), (3, 4)])
+def test_decode_window_lengths(k, v):
+    ins = decode_inputs()
+    ins[v] = ins[v][:, 1:]                                            # v one position shorter than its k
+    with pytest.raises(ValueError, match=rf"{NAMES[v]} has sequence length .* but {NAMES[k]} has"):
+        decode_two_simplicial_attention(*ins)
+    ins = decode_inputs()
+    ins[k], ins[v] = ins[k][:, :0], ins[v][:, :0]                     # an empty window
+    with pytest.raises(ValueError, match=rf"{NAMES[k]} must hold at least the query's own position"):
+        decode_two_simplicial_attention(*ins)

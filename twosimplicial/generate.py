@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._validate import check_bool, check_instance, check_int, check_real, check_token_ids
+
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
     """Next tokens ``[B, 1]`` from last-position logits ``[B, V]``."""
@@ -45,15 +47,17 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperatu
     Returns:
         ``idx [B, S + max_new_tokens]`` (and the logits with ``return_logits``).
     """
-    if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype != torch.long or idx.shape[1] < 1:
-        raise ValueError(f"idx must be a [B, S>=1] long tensor, got {getattr(idx, 'dtype', type(idx).__name__)} "
-                         f"{tuple(getattr(idx, 'shape', ()))}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    check_token_ids("idx", idx)                # the ids' range: the model's forward checks it
+    if idx.shape[1] < 1:
+        raise ValueError(f"idx must hold at least one token per row, got shape {tuple(idx.shape)}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+    temperature = check_real("temperature", temperature, minimum=0, what="a number >= 0 (0 = greedy)")
+    if top_k is not None:
+        top_k = check_int("top_k", top_k, 1, what="None or an integer >= 1")
+    check_bool("use_cache", use_cache)
+    check_bool("return_logits", return_logits)
+    if generator is not None:
+        check_instance("generator", generator, torch.Generator, "a torch.Generator or None")
     max_len = model.config.max_seq_len
     was_training = model.training
     model.eval()

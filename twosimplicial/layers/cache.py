@@ -18,6 +18,16 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _check_continues(held: torch.Tensor, new: torch.Tensor) -> None:
+    """The new positions continue the cached sequences: same batch, heads, head dim, dtype, device."""
+    def desc(t):
+        return f"batch {t.shape[0]}, {t.shape[2]} heads of {t.shape[3]}, {t.dtype} on {t.device}"
+    if held.shape[0] != new.shape[0] or held.shape[2:] != new.shape[2:] or held.dtype != new.dtype \
+            or held.device != new.device:
+        raise ValueError(f"cache holds {desc(held)} but the new positions have {desc(new)}: "
+                         "use a fresh cache (new_cache() or reset())")
+
+
 @dataclass
 class DotCache:
     k: torch.Tensor | None = None
@@ -26,6 +36,7 @@ class DotCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new positions and return every cached ``(k, v)``, oldest first."""
         if self.k is not None:
+            _check_continues(self.k, k)
             k, v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
         self.k, self.v = k, v
         return k, v
@@ -59,6 +70,7 @@ class WindowCache:
         can see: query ``i`` reads ``j > i - w1`` and ``k > i - w2``, so the next one
         needs the last ``w1 - 1`` and ``w2 - 1`` positions."""
         if self.k1 is not None:
+            _check_continues(self.k1, k1)
             k1, v1 = torch.cat([self.k1, k1], dim=1), torch.cat([self.v1, v1], dim=1)
             k2, v2 = torch.cat([self.k2, k2], dim=1), torch.cat([self.v2, v2], dim=1)
         self.k1, self.v1 = _last(k1, self.w1 - 1), _last(v1, self.w1 - 1)

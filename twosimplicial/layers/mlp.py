@@ -20,10 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import check_int
+
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
+        dim, hidden = check_int("dim", dim, 1), check_int("hidden", hidden, 1)
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
@@ -42,8 +45,11 @@ class MoE(nn.Module):
 
     def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int):
         super().__init__()
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        dim, hidden, n_experts = (check_int(name, v, 1) for name, v in
+                                  (("dim", dim), ("hidden", hidden), ("n_experts", n_experts)))
+        top_k = check_int("top_k", top_k, 1, what=f"an integer in [1, n_experts={n_experts}]")
+        if top_k > n_experts:
+            raise ValueError(f"top_k must be an integer in [1, n_experts={n_experts}], got {top_k}")
         self.n_experts, self.top_k = n_experts, top_k
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.gate = nn.Parameter(torch.empty(n_experts, dim, hidden))

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._validate import check_int, check_real
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -30,6 +32,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _angles(start_pos: int, S: int, freqs: torch.Tensor) -> torch.Tensor:
     """``[S, len(freqs)]``: position ``p`` times each frequency, for ``p = start_pos .. start_pos+S-1``."""
+    start_pos = check_int("start_pos", start_pos, 0)
     pos = torch.arange(start_pos, start_pos + S, device=freqs.device, dtype=torch.float64)
     return (pos[:, None] * freqs.to(torch.float64)).to(freqs.dtype)
 
@@ -39,9 +42,10 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
+        head_dim = check_int("head_dim", head_dim, 2)
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding needs an even head_dim, got {head_dim}")
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta = head_dim, check_real("theta", theta, positive=True)
 
     def freqs(self, device, dtype) -> torch.Tensor:
         """theta_d = theta^(-2d/D), d = 0 .. D/2-1."""
@@ -72,10 +76,8 @@ class Rotary3D(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        n = head_dim // 3
-        if n < 1:
-            raise ValueError(f"Rotary3D needs head_dim >= 3 (one 3-chunk), got {head_dim}")
-        self.head_dim, self.n_chunks, self.theta = head_dim, n, theta
+        head_dim = check_int("head_dim", head_dim, 3, what="an integer >= 3 (one 3-chunk)")
+        self.head_dim, self.n_chunks, self.theta = head_dim, head_dim // 3, check_real("theta", theta, positive=True)
 
     def freqs(self, device, dtype) -> torch.Tensor:
         """theta_c = theta^(-c/n), c = 0 .. n-1."""

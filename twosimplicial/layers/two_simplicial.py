@@ -7,8 +7,9 @@ import numbers
 import torch
 from torch import nn
 
+from .._validate import check_bool, check_choice, check_int, check_layer_call, check_real
 from ..ops import two_simplicial_attention
-from ..ops.interface import BACKENDS, FORMS, _check_window
+from ..ops.interface import BACKENDS, FORMS
 from ..ops.decode import decode_two_simplicial_attention
 from .cache import WindowCache
 from .rotary import Rotary3D
@@ -48,22 +49,21 @@ class TwoSimplicialAttention(nn.Module):
                  rotary: bool = False, rope_theta: float = 10000.0):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
-        for name, v in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        dim, heads, kv_heads = (check_int(name, v, 1, what="a positive integer")
+                                for name, v in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)))
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless head_dim is given")
             head_dim = dim // heads
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        w1, w2 = _check_window("w1", w1), _check_window("w2", w2)
+        head_dim = check_int("head_dim", head_dim, 1, what="a positive integer")
+        check_choice("form", form, FORMS)
+        check_choice("backend", backend, BACKENDS)
+        w1, w2 = check_int("w1", w1, 1), check_int("w2", w2, 1)
+        check_bool("bias", bias)
+        check_bool("rotary", rotary)
+        rope_theta = check_real("rope_theta", rope_theta, positive=True)
         if kv_offsets is True:
             kv_offsets = (1.0 / head_dim, 1.0)
         elif kv_offsets is False:
@@ -73,8 +73,6 @@ class TwoSimplicialAttention(nn.Module):
                           for c in kv_offsets)):
             raise ValueError(f"kv_offsets must be a bool or a pair of finite numbers (k2_offset, v2_offset), "
                              f"got {kv_offsets!r}")
-        if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not rope_theta > 0:
-            raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.w1, self.w2, self.form, self.backend = w1, w2, form, backend
         self.k2_offset, self.v2_offset = float(kv_offsets[0]), float(kv_offsets[1])
@@ -106,8 +104,10 @@ class TwoSimplicialAttention(nn.Module):
         return WindowCache(self.w1, self.w2)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: WindowCache | None = None) -> torch.Tensor:
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B, S, {self.dim}], got shape {tuple(x.shape)}")
+        check_layer_call(self.dim, x, start_pos, cache, WindowCache)
+        if (cache is not None) and (cache.w1, cache.w2) != (self.w1, self.w2):
+            raise ValueError(f"cache holds windows (w1, w2) = ({cache.w1}, {cache.w2}) but the layer's are "
+                             f"({self.w1}, {self.w2}): make it with layer.new_cache()")
         q, k1, v1, k2, v2 = self.project(x)
         if self.rotary is not None:
             # R_p applied at absolute positions; det(R_i q, R_j k1, R_k k2) = det(q, R_{j-i} k1, R_{k-i} k2)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import check_id_range, check_instance, check_int, check_token_ids
 from ..layers.attention import Attention
 from ..layers.cache import KVCache
 from ..layers.mlp import MoE, SwiGLU
@@ -99,11 +100,21 @@ class TwoSimplicialLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start_pos: int | None = None):
-        if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a [B, S] long tensor, got "
-                             f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+        cfg = self.config
+        check_token_ids("idx", idx)
         B, S = idx.shape
+        if idx.device != self.embed.weight.device:
+            raise ValueError(f"idx is on {idx.device} but the model is on {self.embed.weight.device}")
+        if targets is not None:
+            check_token_ids("targets", targets)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            if targets.device != idx.device:
+                raise ValueError(f"targets is on {targets.device} but idx is on {idx.device}")
+        if start_pos is not None:
+            start_pos = check_int("start_pos", start_pos, 0)
         if cache is not None:
+            check_instance("cache", cache, KVCache, "a KVCache (model.new_cache()) or None")
             if start_pos is not None and start_pos != cache.pos:
                 raise ValueError(f"start_pos={start_pos} disagrees with the cache, which is at position {cache.pos}")
             start_pos = cache.pos
@@ -111,10 +122,11 @@ class TwoSimplicialLM(nn.Module):
                 raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.blocks)}; "
                                  "make it with model.new_cache()")
         start_pos = 0 if start_pos is None else start_pos
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos must be an int >= 0, got {start_pos!r}")
-        if start_pos + S > self.config.max_seq_len:
-            raise ValueError(f"positions {start_pos}..{start_pos + S - 1} exceed max_seq_len={self.config.max_seq_len}")
+        if start_pos + S > cfg.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + S - 1} exceed max_seq_len={cfg.max_seq_len}")
+        check_id_range("idx", idx, cfg.vocab_size)
+        if targets is not None:
+            check_id_range("targets", targets, cfg.output_size, ignore_index=-100)
 
         x = self.embed(idx)
         aux_losses = []
@@ -129,8 +141,6 @@ class TwoSimplicialLM(nn.Module):
         self.last_aux_loss = torch.stack(aux_losses).mean() if aux_losses else logits.new_zeros((), dtype=torch.float32)
         loss = None
         if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
             if aux_losses:
                 loss = loss + self.config.moe_aux_weight * self.last_aux_loss

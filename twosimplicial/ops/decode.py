@@ -18,7 +18,7 @@ import torch
 
 from .chunked import _compute_dtype
 from .determinant import determinant_to_trilinear
-from .interface import FORMS, _check_scale
+from .interface import check_inputs, check_options
 
 
 def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="trilinear", return_lse=False):
@@ -31,34 +31,17 @@ def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="tril
         k2, v2: ``[B, L2, Hkv, D]`` / ``[B, L2, Hkv, Dv]``: the last ``min(w2, i + 1)``.
         scale: default ``1/sqrt(D)``.
         form: ``"trilinear"`` or ``"determinant"``.
+        return_lse: also return the float32 log-sum-exp.
+
+    Bad inputs raise the op's errors (:func:`~twosimplicial.ops.interface.check_inputs`).
 
     Returns:
         ``out [B, 1, Hq, Dv]`` in q's dtype (and ``lse [B, Hq, 1]`` float32 with return_lse).
     """
-    for name, t in (("q", q), ("k1", k1), ("v1", v1), ("k2", k2), ("v2", v2)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, L, H, D], got {getattr(t, 'shape', type(t))}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all inputs must share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must be on one device")
-    B, one, Hq, D = q.shape
-    if one != 1:
-        raise ValueError(f"q must hold one position [B, 1, Hq, D], got shape {tuple(q.shape)}")
+    check_inputs(q, k1, v1, k2, v2, decode=True)
+    B, _, Hq, D = q.shape
     Hkv = k1.shape[2]
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"q's head count ({Hq}) must be a positive multiple of k1's ({Hkv})")
-    if k1.shape[:3] != v1.shape[:3] or k2.shape[:3] != v2.shape[:3] or k1.shape[0] != B or k2.shape[0] != B \
-            or k2.shape[2] != Hkv:
-        raise ValueError(f"inconsistent shapes: q {tuple(q.shape)}, k1 {tuple(k1.shape)}, v1 {tuple(v1.shape)}, "
-                         f"k2 {tuple(k2.shape)}, v2 {tuple(v2.shape)}")
-    if k1.shape[1] < 1 or k2.shape[1] < 1:
-        raise ValueError("the windows must hold at least the query's own position (L1, L2 >= 1)")
-    if k1.shape[3] != D or k2.shape[3] != D or v1.shape[3] != v2.shape[3]:
-        raise ValueError(f"head dims differ: q/k1/k2 {D}/{k1.shape[3]}/{k2.shape[3]}, v1/v2 {v1.shape[3]}/{v2.shape[3]}")
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    scale = _check_scale(scale, D)
+    scale = check_options(scale, form, return_lse, D)
     if form == "determinant":
         q, k1, k2 = determinant_to_trilinear(q, k1, k2)
 

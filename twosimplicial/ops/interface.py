@@ -8,27 +8,23 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import numbers
 
 import torch
 
+from .._validate import check_bool, check_choice, check_int, check_real, check_tensor
 from .chunked import chunked_two_simplicial_attention
 from .determinant import determinant_to_trilinear
 
 FORMS = ("trilinear", "determinant")
 BACKENDS = ("auto", "torch", "triton")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_tensors(q, k1, v1, k2, v2):
+def check_inputs(q, k1, v1, k2, v2, *, decode=False):
+    """The op's tensor checks, shared with the decode step (``decode=True``: ``q`` holds one
+    position and ``k1``/``v1``, ``k2``/``v2`` hold their windows, lengths ``L1``, ``L2 >= 1``)."""
     named = {"q": q, "k1": k1, "v1": v1, "k2": k2, "v2": v2}
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 4:
-            raise ValueError(f"{name} must be 4-D [B, S, H, D], got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        check_tensor(name, t, ndim=4, layout="[B, L, H, D]" if decode else "[B, S, H, D]")
     for name, t in named.items():
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all inputs must share one dtype")
@@ -39,8 +35,19 @@ def _check_tensors(q, k1, v1, k2, v2):
     for name, t in named.items():
         if t.shape[0] != B:
             raise ValueError(f"{name} has batch size {t.shape[0]} but q has {B}")
-        if t.shape[1] != S:
-            raise ValueError(f"{name} has sequence length {t.shape[1]} but q has {S}")
+    if decode:
+        if S != 1:
+            raise ValueError(f"q must hold one position [B, 1, Hq, D], got shape {tuple(q.shape)}")
+        for k, v in (("k1", "v1"), ("k2", "v2")):
+            L = named[k].shape[1]
+            if named[v].shape[1] != L:
+                raise ValueError(f"{v} has sequence length {named[v].shape[1]} but {k} has {L}")
+            if L < 1:
+                raise ValueError(f"{k} must hold at least the query's own position, got length 0")
+    else:
+        for name, t in named.items():
+            if t.shape[1] != S:
+                raise ValueError(f"{name} has sequence length {t.shape[1]} but q has {S}")
     for name in ("v1", "k2", "v2"):
         if named[name].shape[2] != Hkv:
             raise ValueError(f"{name} has {named[name].shape[2]} heads but k1 has {Hkv}: k1, v1, k2, v2 must share Hkv")
@@ -55,22 +62,13 @@ def _check_tensors(q, k1, v1, k2, v2):
         raise ValueError(f"head dims must be >= 1, got D={D} (q, k1, k2) and Dv={Dv} (v1, v2)")
 
 
-def _check_window(name, w):
-    if isinstance(w, bool) or not isinstance(w, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {type(w).__name__} {w!r}")
-    if w < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {w}")
-    return int(w)
-
-
-def _check_scale(scale, D):
+def check_options(scale, form, return_lse, D) -> float:
+    """The options the op and the decode step share; returns the scale (default ``1/sqrt(D)``)."""
+    check_choice("form", form, FORMS)
+    check_bool("return_lse", return_lse)
     if scale is None:
         return 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
+    return check_real("scale", scale, what="a real number or None")
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,15 +121,10 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     Returns:
         ``out [B, S, Hq, Dv]`` in q's dtype, or ``(out, lse)``.
     """
-    _check_tensors(q, k1, v1, k2, v2)
-    w1, w2 = _check_window("w1", w1), _check_window("w2", w2)
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    scale = _check_scale(scale, q.shape[-1])
+    check_inputs(q, k1, v1, k2, v2)
+    w1, w2 = check_int("w1", w1, 1), check_int("w2", w2, 1)
+    scale = check_options(scale, form, return_lse, q.shape[-1])
+    check_choice("backend", backend, BACKENDS)
     chosen = _pick_backend(backend, q)
     B, S, Hq, _ = q.shape
     if B * S * Hq == 0:                                   # empty batch or sequence: nothing to attend
