@@ -119,10 +119,14 @@ def test_trilinear_form_fails(n, M):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="M"):
+    with pytest.raises(ValueError, match="M must be an integer >= 2"):
         required_c(4, 1)
-    with pytest.raises(ValueError, match="n"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
         required_c(0, 5)
+    with pytest.raises(TypeError, match="M must be an integer"):
+        build_inputs(np.array([[1, 2]]), 5.0)
+    with pytest.raises(TypeError, match="c must be a real number"):
+        build_inputs(np.array([[1, 2]]), 5, c="10")
     with pytest.raises(ValueError, match=r"\[0, M=5\)"):
         build_inputs(np.array([[5]]), 5)
     with pytest.raises(TypeError, match="integers"):
@@ -147,5 +151,6 @@ def test_gpu_triton_float32(n, M):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert out.dtype == torch.float32 and out.is_cuda
-    np.testing.assert_allclose(out.cpu().double().numpy(), expected_out, atol=1e-3)
+    # logit errors of at most d nats move an output by at most d / 2; d is a few eps32 * c (~5e-3 at M = 188)
+    np.testing.assert_allclose(out.cpu().double().numpy(), expected_out, atol=1e-2)
     np.testing.assert_array_equal((out > THRESHOLD).long().cpu().numpy(), y)

@@ -60,7 +60,9 @@ THRESHOLD = 0.25
 
 
 def _check_int(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {least}, got {type(value).__name__} {value!r}")
+    if value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
@@ -89,7 +91,9 @@ def build_inputs(x, M: int, c: float | None = None, dtype=torch.float64, device=
     ``2 * required_c(n, M)``."""
     x = _tokens(x, M)
     c = 2 * required_c(x.shape[1], M) if c is None else c
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (math.isfinite(c) and c > 0):
+    if isinstance(c, bool) or not isinstance(c, numbers.Real):
+        raise TypeError(f"c must be a real number or None, got {type(c).__name__}")
+    if not (math.isfinite(c) and c > 0):
         raise ValueError(f"c must be a finite number > 0, got {c!r}")
     th = 2 * math.pi * torch.cat([torch.zeros_like(x[:, :1]), x], dim=1).double() / M     # [B, n+1]
     cos, sin, zero = th.cos(), th.sin(), torch.zeros_like(th)
