@@ -240,7 +240,8 @@ def _plots(out_dir: Path, archs, paired, suites, fits, eff, budget) -> list[str]
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
-    style = {"dot": dict(color="tab:blue", ls="-", marker="o"), "simplicial": dict(color="tab:red", ls="--", marker="s")}
+    style = {"dot": dict(color="tab:blue", ls="-", marker="o"),
+             "simplicial": dict(color="tab:red", ls="--", marker="s")}
     label = {"dot": "dot-product", "simplicial": "2-simplicial"}
     sizes = list(paired)
     written = []
@@ -257,8 +258,9 @@ def _plots(out_dir: Path, archs, paired, suites, fits, eff, budget) -> list[str]
             a_b, b_b = f["_boot"][arch]
             pred_b = np.exp(-(a_b[:, None] * np.log(grid)[None] + b_b[:, None]))
             lo, hi = np.quantile(pred_b, [(1 - CI) / 2, (1 + CI) / 2], axis=0)
+            r2 = "n/a" if fa["r2"] is None else f"{fa['r2']:.3f}"
             ax.plot(grid, np.exp(-(fa["alpha"] * np.log(grid) + fa["beta"])), color=style[arch]["color"],
-                    ls=style[arch]["ls"], label=f"{label[arch]}: alpha {fa['alpha']:.4f}, R^2 {fa['r2'] or float('nan'):.3f}")
+                    ls=style[arch]["ls"], label=f"{label[arch]}: alpha {fa['alpha']:.4f}, R^2 {r2}")
             ax.fill_between(grid, lo, hi, color=style[arch]["color"], alpha=0.15)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -160,6 +160,9 @@ def load_sweep(path: str | os.PathLike, sets: list[str] | None = None) -> Sweep:
     unknown = set(user) - set(DEFAULTS) - {"sweep"}
     if unknown:
         raise ValueError(f"{path}: unknown tables {sorted(unknown)}; expected [sweep] and {sorted(DEFAULTS)}")
+    for k, v in user.items():
+        if not isinstance(v, dict):
+            raise TypeError(f"{path}: {k} must be a table ([{k}]), got {v!r}")
     sweep_sets, other_sets = _split_overrides(sets)
     sw = apply_overrides({"run": dict(user["sweep"])}, [s.replace("sweep.", "run.", 1) for s in sweep_sets])["run"]
     base = apply_overrides({k: dict(user.get(k, {})) for k in DEFAULTS}, other_sets)
@@ -177,7 +180,8 @@ def build_sweep(path: str, sw: dict, base: dict) -> Sweep:
         raise ValueError(f"[sweep] needs {missing}")
     unknown = set(sw) - set(SWEEP_REQUIRED) - set(SWEEP_DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown [sweep] keys {sorted(unknown)}; known: {sorted(set(SWEEP_REQUIRED) | set(SWEEP_DEFAULTS))}")
+        known = sorted(set(SWEEP_REQUIRED) | set(SWEEP_DEFAULTS))
+        raise ValueError(f"unknown [sweep] keys {sorted(unknown)}; known: {known}")
     sw = {**SWEEP_DEFAULTS, **sw}
     _int("sweep.tokens", sw["tokens"], 1)
     _int("sweep.simplicial_every", sw["simplicial_every"], 1)
@@ -189,7 +193,8 @@ def build_sweep(path: str, sw: dict, base: dict) -> Sweep:
         if not isinstance(sw[k], str) or not sw[k]:
             raise TypeError(f"sweep.{k} must be a non-empty path string, got {sw[k]!r}")
     archs = sw["archs"]
-    if not isinstance(archs, list) or not archs or len(set(archs)) != len(archs) or not set(archs) <= set(ARCHS):
+    if (not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs)
+            or len(set(archs)) != len(archs) or not set(archs) <= set(ARCHS)):
         raise ValueError(f"sweep.archs must be a non-empty list of distinct names from {list(ARCHS)}, got {archs!r}")
     seeds = sw["seeds"]
     if not isinstance(seeds, list) or not seeds:
@@ -210,7 +215,8 @@ def build_sweep(path: str, sw: dict, base: dict) -> Sweep:
         if bad or not {"name", "dim", "n_layers"} <= set(s):
             raise ValueError(f"sweep.sizes[{i}] must have name, dim, n_layers (and optionally n_heads), got {s!r}")
         if not isinstance(s["name"], str) or not _NAME.match(s["name"]):
-            raise ValueError(f"sweep.sizes[{i}].name must be letters, digits, '_', '.' or '-' (a file name), got {s['name']!r}")
+            raise ValueError(f"sweep.sizes[{i}].name must be letters, digits, '_', '.' or '-' (a file name), "
+                             f"got {s['name']!r}")
         if s["name"] in names:
             raise ValueError(f"sweep.sizes: duplicate name {s['name']!r}")
         names.add(s["name"])
@@ -344,7 +350,8 @@ def format_estimate(est: dict) -> str:
     lines.append(f"  ({est['basis']})")
     if "corpus" in est:
         c = est["corpus"]
-        s = f"corpus {c['dir']}: {c['code_train_tokens']:,d} code training tokens, {c['code_epochs']:.2f} epochs per run"
+        s = (f"corpus {c['dir']}: {c['code_train_tokens']:,d} code training tokens, "
+             f"{c['code_epochs']:.2f} epochs per run")
         if "math_epochs" in c:
             s += f"; math problems {c['math_train_tokens']:,d} tokens, {c['math_epochs']:.2f} epochs"
         lines.append(s)
