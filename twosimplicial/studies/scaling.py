@@ -472,12 +472,15 @@ def sweep(config, time_budget: float | None = None, progress: bool = True) -> di
     """Run every run of the sweep that has no run file; returns the names of the runs
     ``finished`` now, ``done`` before, ``stopped`` early (resumable) and ``skipped`` (time budget).
 
-    ``time_budget`` (seconds): a run starts only if its estimated time fits in what is left."""
+    ``time_budget`` (seconds, counted from the call, the corpus build included): a run starts only if
+    its estimated time fits in what is left."""
     sw = _as_sweep(config)
     if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
                                     or not time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
     start = time.perf_counter()
+    if not all(sw.run_file(spec.name).is_file() for spec in sw.runs):
+        prepare_corpus(DataConfig.from_dict(dict(sw.base["data"])), progress=progress)   # inside the time budget
     config_est = {r["run"]: r["seconds"] for r in estimate(sw, corpus=False)["runs"]}
     finished = [json.loads(p.read_text()) for p in sorted((sw.results_dir / "runs").glob("*.json"))]
     out = {"finished": [], "done": [], "stopped": [], "skipped": []}
