@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ def test_config_overrides_and_validation(tmp_path):
     with pytest.raises(ValueError, match="must start with"):
         apply_overrides(cfg, ["bogus.x=1"])
     for conf in sorted((ROOT / "configs").glob("*.toml")):       # every shipped config parses and validates
+        if "sweep" in tomllib.loads(conf.read_text()):          # a sweep: each run's config is built and validated
+            from twosimplicial.studies.scaling import load_sweep
+            load_sweep(conf)
+            continue
         c = load_config(conf)
         from twosimplicial.train import train_config
         train_config(c)

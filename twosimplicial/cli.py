@@ -1,10 +1,12 @@
-"""Command line: ``twosimplicial {demo,train,eval,generate}``.
+"""Command line: ``twosimplicial {demo,train,eval,generate,sweep,fit}``.
 
     twosimplicial demo                                  # Match3: dot-product vs 2-simplicial, CPU, minutes
     twosimplicial train configs/cpu_smoke.toml [--set train.max_steps=50] [--resume]
     torchrun --nproc_per_node 2 -m twosimplicial.cli train configs/gpu_simplicial.toml
     twosimplicial eval runs/cpu_smoke [--out eval.json]
     twosimplicial generate runs/cpu_smoke --prompt "def fib(n):" --max-new-tokens 64
+    twosimplicial sweep configs/scaling.toml [--dry-run] [--time-budget 540]   # the scaling study's grid
+    twosimplicial fit results/scaling                   # power-law fits, intervals, plots
 """
 from __future__ import annotations
 
@@ -120,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--match3-batches", type=int, default=20)
     e.add_argument("--no-humaneval", action="store_true")
     e.set_defaults(fn=_eval)
+
+    from .studies import fit, scaling
+    scaling.add_parser(sub)
+    fit.add_parser(sub)
 
     g = sub.add_parser("generate", help="sample a continuation from a trained language model")
     g.add_argument("run_dir")

@@ -3,4 +3,4 @@ from .config import PRESETS, ModelConfig
 from .flops import flops_per_token
 from .transformer import TwoSimplicialLM, count_parameters
 
-__all__ = ["ModelConfig", "PRESETS", "TwoSimplicialLM", "count_parameters"]
+__all__ = ["ModelConfig", "PRESETS", "TwoSimplicialLM", "count_parameters", "flops_per_token"]

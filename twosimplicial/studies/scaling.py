@@ -60,7 +60,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -541,13 +540,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(fn=_sweep_cmd)
     return p
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twosimplicial.studies.scaling")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-    return args.fn(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
