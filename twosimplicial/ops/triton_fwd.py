@@ -57,7 +57,6 @@ dropped from (2) by ``where`` with max -1e30 and zero weight.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
