@@ -84,7 +84,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0           # 0: off
     dtype: str = "bf16"              # autocast dtype on GPU ("bf16" | "fp32"); CPU runs in fp32
-    compile: bool = False
+    compile: bool = False            # torch.compile(fullgraph=True) of the model (forward + its backward)
+    compile_mode: str = "default"    # torch.compile mode: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune-no-cudagraphs"
     distributed: str = "ddp"         # "ddp" | "fsdp" (FSDP2 fully_shard), used under torchrun
     log_interval: int = 10
     eval_interval: int = 200         # 0: only at the end
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"train.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
 
@@ -124,7 +127,8 @@ DEFAULTS = {
 # [train] keys that may differ on resume: they change how a run is watched, saved or executed,
 # not what it computes (max_steps may only grow; see the module docstring).
 RESUMABLE_TRAIN_KEYS = ("max_steps", "stop_at_step", "log_interval", "eval_interval", "ckpt_interval",
-                        "keep_checkpoints", "progress", "compile")
+                        "keep_checkpoints", "progress", "compile", "compile_mode")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 class TrainingInterrupted(Exception):
@@ -507,7 +511,7 @@ def train(cfg: dict, resume: bool = False) -> dict:
     model = TwoSimplicialLM(mcfg).to(device)
     raw = model
     if t.compile:
-        model.compile()
+        model.compile(fullgraph=True, mode=t.compile_mode)
     if d.world_size > 1:
         if fsdp:
             from torch.distributed.fsdp import fully_shard
@@ -598,6 +602,8 @@ def train(cfg: dict, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             for micro in range(t.grad_accum):
                 x, y = data.train.next_batch()
+                if device.type == "cuda":                 # pinned: the copy does not wait for the GPU
+                    x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 last = micro == t.grad_accum - 1
                 sync = contextlib.nullcontext()

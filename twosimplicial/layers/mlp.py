@@ -39,8 +39,10 @@ class MoE(nn.Module):
     """``forward(x [..., dim]) -> (y [..., dim], aux_loss scalar)``.
 
     Expert weights are stacked (``gate``/``up``: ``[E, dim, hidden]``, ``down``:
-    ``[E, hidden, dim]``); tokens are gathered per expert, so the compute is
-    ``top_k`` SwiGLUs per token (dropless: no capacity limit).
+    ``[E, hidden, dim]``). In eager mode tokens are gathered per expert, so the compute is
+    ``top_k`` SwiGLUs per token (dropless: no capacity limit); under ``torch.compile`` every
+    expert runs on every token with a zero weight where it is not routed (same result, static
+    shapes, ``E / top_k`` times the compute).
     """
 
     def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int):
@@ -65,15 +67,35 @@ class MoE(nn.Module):
         probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)   # [N, E], >= fp32
         top_p, top_e = probs.topk(self.top_k, dim=-1)                 # [N, k]
         top_p = top_p / top_p.sum(-1, keepdim=True)
+        if torch.compiler.is_compiling():
+            y = self._dense(x, top_p, top_e)
+        else:
+            y = self._sparse(x, top_p, top_e)
+        # load balancing: f_e from the hard assignments, P_e from the soft probabilities
+        counts = torch.zeros(self.n_experts, dtype=probs.dtype, device=x.device)
+        f = counts.scatter_add_(0, top_e.flatten(), torch.ones_like(top_p).flatten()) / top_e.numel()
+        aux = self.n_experts * (f * probs.mean(0)).sum()
+        return y.reshape(shape), aux
+
+    def _expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return (F.silu(h @ self.gate[e]) * (h @ self.up[e])) @ self.down[e]
+
+    def _sparse(self, x, top_p, top_e):
+        """Each expert on the tokens routed to it: ``top_k`` SwiGLUs per token (eager mode)."""
         y = torch.zeros_like(x)
         for e in range(self.n_experts):
             tok, slot = torch.where(top_e == e)                       # assignments to expert e
             if tok.numel() == 0:
                 continue
-            h = x[tok]
-            h = (F.silu(h @ self.gate[e]) * (h @ self.up[e])) @ self.down[e]
-            y.index_add_(0, tok, (h * top_p[tok, slot, None]).to(y.dtype))
-        # load balancing: f_e from the hard assignments, P_e from the soft probabilities
-        f = torch.bincount(top_e.flatten(), minlength=self.n_experts).to(probs.dtype) / top_e.numel()
-        aux = self.n_experts * (f * probs.mean(0)).sum()
-        return y.reshape(shape), aux
+            y.index_add_(0, tok, (self._expert(e, x[tok]) * top_p[tok, slot, None]).to(y.dtype))
+        return y
+
+    def _dense(self, x, top_p, top_e):
+        """The same sum with static shapes, for ``torch.compile``: every expert on every token,
+        weighted by its (zero unless routed) gate. ``n_experts / top_k`` times the compute of
+        ``_sparse``; the routing's data-dependent shapes would otherwise break the graph."""
+        w = torch.zeros(x.shape[0], self.n_experts, dtype=top_p.dtype, device=x.device).scatter(1, top_e, top_p)
+        y = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            y = y + (self._expert(e, x) * w[:, e, None]).to(y.dtype)
+        return y

@@ -5,7 +5,7 @@ Shapes and dtypes are checked once here; the backends (``chunked`` in PyTorch,
 """
 from __future__ import annotations
 
-import functools
+import importlib
 import importlib.util
 import math
 
@@ -71,19 +71,15 @@ def check_options(scale, form, return_lse, D) -> float:
     return check_real("scale", scale, what="a real number or None")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_op():
-    """The Triton backend module, or None where the ``triton`` package is not installed."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from . import triton_op
-    return triton_op
+# The Triton backend module, or None where the ``triton`` package is not installed. Decided once,
+# at import: a lookup inside the op would be traced by torch.compile and break the graph.
+_TRITON_OP = importlib.import_module(".triton_op", __package__) if importlib.util.find_spec("triton") else None
 
 
 def _pick_backend(backend, q):
     if backend == "torch":
         return "torch"
-    op = _triton_op()
+    op = _TRITON_OP
     if backend == "triton":
         if op is None:
             raise RuntimeError("backend='triton' needs the `triton` package; use backend='torch' or 'auto'")
@@ -135,7 +131,7 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     if form == "determinant":
         q, k1, k2 = determinant_to_trilinear(q, k1, k2)
     if chosen == "triton":
-        out, lse = _triton_op().triton_two_simplicial(q, k1, v1, k2, v2, w1, w2, scale)
+        out, lse = _TRITON_OP.triton_two_simplicial(q, k1, v1, k2, v2, w1, w2, scale)
     else:
         out, lse = chunked_two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, scale)
     return (out, lse) if return_lse else out
