@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         del steps
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))   # each size as it lands
     return 0
 
 
