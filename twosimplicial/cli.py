@@ -7,6 +7,7 @@
     twosimplicial generate runs/cpu_smoke --prompt "def fib(n):" --max-new-tokens 64
     twosimplicial sweep configs/scaling.toml [--dry-run] [--time-budget 540]   # the scaling study's grid
     twosimplicial fit results/scaling                   # power-law fits, intervals, plots
+    twosimplicial study match3 [--preset gpu]           # Match3 learned, multi-seed
 """
 from __future__ import annotations
 
@@ -123,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-humaneval", action="store_true")
     e.set_defaults(fn=_eval)
 
-    from .studies import fit, scaling
+    from .studies import fit, match3, scaling
     scaling.add_parser(sub)
     fit.add_parser(sub)
+    st = sub.add_parser("study", help="small studies of what 2-simplicial attention buys (results under results/)")
+    match3.add_parser(st.add_subparsers(dest="study", required=True))
 
     g = sub.add_parser("generate", help="sample a continuation from a trained language model")
     g.add_argument("run_dir")
