@@ -80,3 +80,26 @@ def test_bad_input_shape():
 def test_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         TwoSimplicialAttention(12, 2, **kwargs)
+
+
+@pytest.mark.parametrize("form", ["trilinear", "determinant"])
+@pytest.mark.parametrize("windows", [(None, None), (None, 3), (4, None)])
+def test_none_window_is_a_window_of_S(form, windows):
+    """``w1``/``w2`` = ``None`` (no limit) is the layer with windows of the sequence length, with and
+    without a cache (prefill, a continuing chunk, then one token at a time)."""
+    torch.manual_seed(0)
+    S = 11
+    kw = dict(head_dim=6, form=form, rotary=form == "determinant")
+    layer = TwoSimplicialAttention(12, 2, w1=windows[0], w2=windows[1], **kw).double()
+    fixed = TwoSimplicialAttention(12, 2, w1=windows[0] or S, w2=windows[1] or S, **kw).double()
+    fixed.load_state_dict(layer.state_dict())
+    assert (layer.w1, layer.w2) == windows
+    x = torch.randn(2, S, 12, dtype=torch.float64)
+    full = layer(x)
+    torch.testing.assert_close(full, fixed(x), rtol=0, atol=0)
+    cache = layer.new_cache()
+    parts = [layer(x[:, :4], 0, cache), layer(x[:, 4:7], 4, cache)]
+    parts += [layer(x[:, p:p + 1], p, cache) for p in range(7, S)]
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    if windows[0] is None:
+        assert cache.k1.shape[1] == S                               # no limit: every past position is kept

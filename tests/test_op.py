@@ -198,3 +198,50 @@ def test_memory_stays_bounded():
     run = lambda c: int(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True, env=env).stdout)
     extra_mib = (run(code) - run(base_code)) / 1024
     assert extra_mib < 256, f"peak extra memory {extra_mib:.0f} MiB"   # measured ~140
+
+
+@pytest.mark.parametrize("form", ["trilinear", "determinant"])
+@pytest.mark.parametrize("windows", [(None, None), (None, 2), (3, None)])
+def test_none_window_is_a_window_of_S(form, windows):
+    """``None`` means no limit: the same output and gradients as a window of ``S``."""
+    S = 9
+    ins = make_inputs(2, S, 2, 1, 6, 3)
+    ref_ins = [t.detach().clone().requires_grad_() for t in ins]
+    out = two_simplicial_attention(*ins, *windows, form=form, backend="torch")
+    ref = two_simplicial_attention(*ref_ins, *(S if w is None else w for w in windows), form=form, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    do = torch.randn_like(out)
+    for g, rg in zip(torch.autograd.grad(out, ins, do), torch.autograd.grad(ref, ref_ins, do)):
+        torch.testing.assert_close(g, rg, rtol=0, atol=0)
+    # a window of S already sees the whole causal past, so any longer window is the same op
+    torch.testing.assert_close(out, two_simplicial_attention(*ins, *(S + 5 if w is None else w for w in windows),
+                                                             form=form, backend="torch"))
+
+
+def test_none_window_with_empty_sequence():
+    out = two_simplicial_attention(*make_inputs(1, 0, 2, 1, 4, 3), None, None)
+    assert out.shape == (1, 0, 2, 3)
+
+
+def _lse_gradient_behaviour(backend, dtype):
+    """``lse`` carries no gradient: ``requires_grad`` is False while ``out``'s is True, and a loss
+    that adds ``lse`` gives the same gradients as the loss without it (lse acts as a constant)."""
+    ins = make_inputs(1, 7, 2, 1, 4, 4, dtype=dtype)
+    out, lse = two_simplicial_attention(*ins, 4, 3, return_lse=True, backend=backend)
+    assert out.requires_grad and not lse.requires_grad and lse.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
+    with_lse = torch.autograd.grad(out.sum() + lse.sum(), ins)
+    without = torch.autograd.grad(two_simplicial_attention(*ins, 4, 3, backend=backend).sum(), ins)
+    for name, a, b in zip(NAMES, with_lse, without):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{name}")
+
+
+def test_lse_has_no_gradient_torch_backend():
+    _lse_gradient_behaviour("torch", torch.float64)
+
+
+def test_lse_has_no_gradient_triton_backend(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                  # the kernels on CPU tensors
+    _lse_gradient_behaviour("triton", torch.float32)

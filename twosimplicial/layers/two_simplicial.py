@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ class TwoSimplicialAttention(nn.Module):
         heads: query heads.
         kv_heads: key/value heads (default ``heads``); ``heads % kv_heads == 0``.
         head_dim: per-head width of q, k1, k2, v1, v2 (default ``dim // heads``).
-        w1, w2: window lengths for (k1, v1) and (k2, v2).
+        w1, w2: window lengths for (k1, v1) and (k2, v2), or ``None`` for no limit (the
+            whole causal past; a cache then keeps every past position).
         form: ``"trilinear"`` or ``"determinant"``.
         kv_offsets: add constants to K2 and V2 as Meta's kernels do (``q.(k1*(k2+c))``
             folds a plain dot-product term into the trilinear one). ``True`` uses
@@ -32,7 +34,7 @@ class TwoSimplicialAttention(nn.Module):
             (default) adds nothing.
         bias: biases on the projections.
         backend: passed to :func:`two_simplicial_attention`.
-        rotary: the determinant form's 3-chunk rotary embedding (SPEC §1; needs
+        rotary: the determinant form's 3-chunk rotary embedding (docs/math.md, Rotary; needs
             ``form="determinant"``): q, k1 and k2 (after the offsets) are rotated by their
             absolute positions, and the logits depend on relative positions only.
         rope_theta: base of the rotary frequency ladder.
@@ -44,7 +46,7 @@ class TwoSimplicialAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
-                 w1: int = 512, w2: int = 32, form: str = "trilinear",
+                 w1: int | None = 512, w2: int | None = 32, form: str = "trilinear",
                  kv_offsets: bool | tuple[float, float] = False, bias: bool = False, backend: str = "auto",
                  rotary: bool = False, rope_theta: float = 10000.0):
         super().__init__()
@@ -60,7 +62,8 @@ class TwoSimplicialAttention(nn.Module):
         head_dim = check_int("head_dim", head_dim, 1, what="a positive integer")
         check_choice("form", form, FORMS)
         check_choice("backend", backend, BACKENDS)
-        w1, w2 = check_int("w1", w1, 1), check_int("w2", w2, 1)
+        w1, w2 = (None if w is None else check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
+                  for name, w in (("w1", w1), ("w2", w2)))
         check_bool("bias", bias)
         check_bool("rotary", rotary)
         rope_theta = check_real("rope_theta", rope_theta, positive=True)
@@ -100,12 +103,16 @@ class TwoSimplicialAttention(nn.Module):
         v2 = self.v2_proj(x).view(B, S, Hkv, D) + self.v2_offset
         return q, k1, v1, k2, v2
 
+    def _cache_windows(self) -> tuple[int, int]:
+        """The windows a cache keeps; no limit (``None``) is a window no sequence reaches."""
+        return tuple(sys.maxsize if w is None else w for w in (self.w1, self.w2))
+
     def new_cache(self) -> WindowCache:
-        return WindowCache(self.w1, self.w2)
+        return WindowCache(*self._cache_windows())
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: WindowCache | None = None) -> torch.Tensor:
         check_layer_call(self.dim, x, start_pos, cache, WindowCache)
-        if (cache is not None) and (cache.w1, cache.w2) != (self.w1, self.w2):
+        if (cache is not None) and (cache.w1, cache.w2) != self._cache_windows():
             raise ValueError(f"cache holds windows (w1, w2) = ({cache.w1}, {cache.w2}) but the layer's are "
                              f"({self.w1}, {self.w2}): make it with layer.new_cache()")
         q, k1, v1, k2, v2 = self.project(x)

@@ -93,9 +93,17 @@ def _pick_backend(backend, q):
     return "triton" if op is not None and q.is_cuda and q.dtype != torch.float64 else "torch"
 
 
+def check_window(name: str, w, S):
+    """A window length: an integer >= 1, or ``None`` for no limit (the whole causal past, a
+    window of ``S``)."""
+    if w is None:
+        return S
+    return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
+
+
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
                              return_lse=False, backend="auto"):
-    """2-simplicial attention with causal sliding windows (SPEC §1).
+    """2-simplicial attention with causal sliding windows (docs/math.md, The operation).
 
     ``out[i] = sum_{j,k} softmax_{(j,k)}(scale * <q_i, k1_j, k2_k>) * v1_j * v2_k`` over
     ``i - w1 < j <= i`` and ``i - w2 < k <= i``.
@@ -105,11 +113,13 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         k1, k2: ``[B, S, Hkv, D]``; ``Hq % Hkv == 0`` (MHA, GQA, MQA).
         v1, v2: ``[B, S, Hkv, Dv]``.
         w1, w2: window lengths (integers >= 1, each including the query's own position;
-            longer than S is fine).
+            longer than S is fine), or ``None`` for no limit (the same as a window of S).
         scale: logit scale, default ``1/sqrt(D)``.
         form: ``"trilinear"`` or ``"determinant"`` (sum of 3x3 determinants over
             ``D // 3`` chunks plus the trilinear term of the ``D % 3`` leftover dims).
-        return_lse: also return the float32 log-sum-exp ``[B, Hq, S]`` (natural log).
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, S]`` (natural log). It
+            carries no gradient (``lse.requires_grad`` is False on every backend): gradients
+            flow through ``out`` only.
         backend: ``"auto"`` (Triton for CUDA tensors in half precision or float32 when
             triton is installed, else PyTorch), ``"torch"`` or ``"triton"`` (CUDA tensors,
             or CPU tensors under the Triton interpreter, ``TRITON_INTERPRET=1``).
@@ -118,7 +128,7 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         ``out [B, S, Hq, Dv]`` in q's dtype, or ``(out, lse)``.
     """
     check_inputs(q, k1, v1, k2, v2)
-    w1, w2 = check_int("w1", w1, 1), check_int("w2", w2, 1)
+    w1, w2 = check_window("w1", w1, q.shape[1]), check_window("w2", w2, q.shape[1])
     scale = check_options(scale, form, return_lse, q.shape[-1])
     check_choice("backend", backend, BACKENDS)
     chosen = _pick_backend(backend, q)
