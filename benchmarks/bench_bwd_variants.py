@@ -11,7 +11,7 @@ triton_bwd.py (``module``, a file carried to the device) for A/B comparisons in 
    memory-bounded torch path (``chunked``), relative errors; determinism (bitwise reruns).
 2. Timing (bf16, the issue's ``gqa64`` and ``mha`` shapes, (w1, w2) = (512, 32)): the backward
    per tile configuration, per-kernel times from the profiler, and cuDNN SDPA backward
-   FLOP-matched (q length S, kv length w1 * w2) in the same run. FLOPs: SPEC §4, 2.5 * 4 * D
+   FLOP-matched (q length S, kv length w1 * w2) in the same run. FLOPs: docs/math.md, Cost: 2.5 * 4 * D
    per valid triple.
 """
 from __future__ import annotations

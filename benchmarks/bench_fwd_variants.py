@@ -9,7 +9,7 @@ checks the three variants on reduced shapes, then times two of them per case (~1
    memory-bounded torch path (``chunked``), relative errors of out and lse.
 2. Timing (bf16, the issue's shapes, (w1, w2) = (512, 32) unless the case says otherwise):
    forward median per variant, and cuDNN SDPA forward FLOP-matched (q length S, kv length
-   w1 * w2, same heads and D) in the same run; FLOPs: SPEC §4, 4 * D per valid triple.
+   w1 * w2, same heads and D) in the same run; FLOPs: docs/math.md, Cost: 4 * D per valid triple.
 Prints a table; writes nothing (benchmarks/bench_kernels.py writes the results JSON).
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ Impls: ``twosimplicial`` (this library's Triton kernels, through the public op);
 length w1*w2, same heads and head dim: the FLOP-matched dot-product baseline; ``torch``: the
 library's PyTorch path (chunked), forward only, on the MHA shapes.
 
-FLOPs (SPEC §4): 4*D per valid triple forward (``sum_i min(i+1,w1) min(i+1,w2)`` triples per
+FLOPs (docs/math.md, Cost): 4*D per valid triple forward (``sum_i min(i+1,w1) min(i+1,w2)`` triples per
 batch and query head), 2.5x that backward; SDPA 4*S*Lkv*D*H forward, 2.5x backward. For
 ``det`` D is the model's head dim (128), not the doubled kernel head dim, so its TFLOP/s are
 comparable to ``mha`` as "useful" work. Times: the timed impls of a case are measured in

@@ -2,7 +2,7 @@
 
 Default shape is the issue's bound: B=1, S=8192, H=4, D=64, (w1, w2) = (512, 32), float32.
 rss_peak_gb is the whole process's high-water mark (inputs, warm-up and run included).
-FLOP convention (SPEC §4): 4*D per valid triple forward, 2.5x that backward.
+FLOP convention (docs/math.md, Cost): 4*D per valid triple forward, 2.5x that backward.
 
     python benchmarks/bench_torch_cpu.py                 # the full S=8192 case
     python benchmarks/bench_torch_cpu.py --seq 1024      # quick

@@ -1,4 +1,4 @@
-"""Match3 (Sanford et al. 2023; SPEC §5), causal token-classification variant.
+"""Match3 (Sanford et al. 2023; docs/math.md, Match3), causal token-classification variant.
 
 Input ``x_0..x_{n-1}`` uniform in ``[0, M)``. Label at position ``i``:
 

@@ -4,7 +4,7 @@
   ``(x[d], x[d + D/2])`` are rotated by the angle ``p * theta_d``, so
   ``<R_i q, R_j k> = <q, R_{j-i} k>`` depends on ``j - i`` only.
 
-* ``Rotary3D``: the determinant form's generalisation (SPEC §1). Every 3-chunk
+* ``Rotary3D``: the determinant form's generalisation (docs/math.md, Rotary). Every 3-chunk
   ``c`` of ``q``, ``k1``, ``k2`` is rotated about a fixed unit axis ``u_c`` by the
   angle ``p * theta_c``: ``R(p) = exp(p * theta_c * [u_c]x)``. Rotations about one
   axis commute and ``det R = 1``, so

@@ -31,7 +31,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # --- 2-simplicial layers (SPEC §1) ------------------------------------------
+    # --- 2-simplicial layers (docs/math.md) -----------------------------------
     simplicial_every: int = 0               # 0: none; k: layers k-1, 2k-1, ... are 2-simplicial (paper: 4)
     simplicial_heads: int | None = None     # None -> n_heads
     simplicial_kv_heads: int | None = None  # None -> gcd(n_kv_heads, simplicial_heads)

@@ -9,7 +9,7 @@ Per query ``i`` the valid keys are a window of ``ws`` positions ``l = i - t`` of
 set (the *small* window) and ``wb`` positions ``j`` of the other (the *big* window); the
 op is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``, so whichever
 window is larger takes the big role. With the virtual query ``z[i, t] = q_i * k_s[i - t]``
-(SPEC §3) the logits are an ordinary matrix product
+(docs/math.md, Virtual rows) the logits are an ordinary matrix product
 
     logit[i, t, j] = scale * <z[i, t], k_b[j]>,      i - wb < j <= i
 
@@ -144,7 +144,7 @@ def chunked_forward(q, k1, v1, k2, v2, w1, w2, scale):
 
 
 def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
-    """Gradients ``(dq, dk1, dv1, dk2, dv2)`` by SPEC §2, recomputing P chunk by chunk."""
+    """Gradients ``(dq, dk1, dv1, dk2, dv2)`` (docs/math.md, Gradients), recomputing P chunk by chunk."""
     B, S, Hq, D = q.shape
     Hkv, Dv = v1.shape[2], v1.shape[3]
     qh, ksp, vsp, kb, vb, ws, wb, small_is_k2, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)

@@ -8,8 +8,8 @@ small dense problem per head:
     P           = softmax over the pair (j, k)
     out[d]      = sum_{j,k} P[j, k] v1[j, d] v2[k, d] = sum_j v1[j, d] * (P[j, :] @ v2)[d]
 
-computed as ``(q * k1) @ k2^T`` (the virtual-query trick of SPEC §3, one row per
-``j``) in float32 (float64 for float64 inputs). ``L1 * L2 <= w1 * w2`` logits per head.
+computed as ``(q * k1) @ k2^T`` (the virtual-query trick of docs/math.md, Virtual rows;
+one row per ``j``) in float32 (float64 for float64 inputs). ``L1 * L2 <= w1 * w2`` logits per head.
 The determinant form goes through the same Sarrus transform as the full op.
 """
 from __future__ import annotations

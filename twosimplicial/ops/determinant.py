@@ -1,6 +1,6 @@
 """The determinant (rotation-invariant) form as a trilinear form of twice the head dim.
 
-Per 3-dim chunk, Sarrus' rule gives (SPEC §1)
+Per 3-dim chunk, Sarrus' rule gives (docs/math.md, The determinant form)
 
     det[a; b; c] = <a, rot1(b), rot2(c)> - <a, rot2(b), rot1(c)>
 

@@ -1,4 +1,5 @@
-"""Dense O(S^3) reference for 2-simplicial attention, written to be read beside SPEC §1.
+"""Dense O(S^3) reference for 2-simplicial attention, written to be read beside docs/math.md
+(The operation).
 
 Shapes follow FlashAttention: q ``[B, S, Hq, D]``, k1/k2 ``[B, S, Hkv, D]``,
 v1/v2 ``[B, S, Hkv, Dv]``. Every triple (i, j, k) is materialised, so this is
@@ -26,9 +27,10 @@ def trilinear_logits(q, k1, k2):
 
 
 def determinant_logits(q, k1, k2):
-    """SPEC §1 determinant form: ``floor(D/3)`` 3x3 determinants per (i, j, k), summed,
-    plus the plain trilinear term of the ``D mod 3`` leftover dims. Computed directly
-    from the 3x3 determinant (not via the Sarrus rewrite the fast paths use)."""
+    """The determinant form (docs/math.md, The determinant form): ``floor(D/3)`` 3x3
+    determinants per (i, j, k), summed, plus the plain trilinear term of the ``D mod 3``
+    leftover dims. Computed directly from the 3x3 determinant (not via the Sarrus rewrite
+    the fast paths use)."""
     D = q.shape[-1]
     n = D // 3
     B, S, H, _ = q.shape

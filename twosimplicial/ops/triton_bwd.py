@@ -1,6 +1,7 @@
-"""Triton backward of 2-simplicial attention (trilinear form), SPEC §2-§3.
+"""Triton backward of 2-simplicial attention (trilinear form): docs/math.md, Gradients and
+Virtual rows.
 
-Virtual rows (SPEC §3). Name the smaller window ``s`` (size ``ws``) and the larger ``b``
+Virtual rows. Name the smaller window ``s`` (size ``ws``) and the larger ``b``
 (size ``wb``); the op is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``.
 For query ``i`` (head ``h``) and small-window offset ``t`` in ``[0, ws)``, ``l = i - t``:
 

@@ -1,6 +1,8 @@
-"""Triton forward kernel for 2-simplicial (trilinear) attention: virtual rows (SPEC §3).
+"""Triton forward kernel for 2-simplicial (trilinear) attention: virtual rows (docs/math.md,
+Virtual rows).
 
-Notation (SPEC §1). Per batch ``b`` and query head ``h`` (kv head ``hk = h // G_kv``)::
+Notation (docs/math.md, The operation). Per batch ``b`` and query head ``h`` (kv head
+``hk = h // G_kv``)::
 
     logit[i, j, k] = scale * sum_d q[i,d] k1[j,d] k2[k,d],   i - w1 < j <= i,  i - w2 < k <= i
     out[i]         = sum_{j,k} softmax_{(j,k)}(logit[i])[j,k] * (v1[j] * v2[k])

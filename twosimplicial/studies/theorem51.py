@@ -12,12 +12,13 @@ Construction. Position 0 of the attention sequence is a *blank*; token ``t`` sit
     k2 =   (0,      0,      cos th, 0,    0,  -sin th,  0)
     blank: k1 = k2 = e_7, v1 = v2 = 0, q = 0 (its own output is not a label)
 
-Our form (SPEC §1) is ``sum_c det[q^(c); k1^(c); k2^(c)] + q_7 k1_7 k2_7`` with rows in the
-order (q, k1, k2). Expanding along the third column, chunk 1 gives ``c cos(th_i + th_j) cos th_k``
-and chunk 2 gives ``-c sin(th_i + th_j) sin th_k``, so the paper's vectors need no change under
-our convention: a real triple scores ``c cos(th_i + th_j + th_k)``, which is ``c`` exactly at a
-match. Pairs with the blank: blank-blank scores ``c`` (the 7th dim); blank-real and real-blank
-score 0 (one determinant row is zero and one of ``k1_7, k2_7`` is 0). Both have value product 0.
+Our form (docs/math.md, The determinant form) is ``sum_c det[q^(c); k1^(c); k2^(c)] +
+q_7 k1_7 k2_7`` with rows in the order (q, k1, k2). Expanding along the third column, chunk 1
+gives ``c cos(th_i + th_j) cos th_k`` and chunk 2 gives ``-c sin(th_i + th_j) sin th_k``, so the
+paper's vectors need no change under our convention: a real triple scores
+``c cos(th_i + th_j + th_k)``, which is ``c`` exactly at a match. Pairs with the blank:
+blank-blank scores ``c`` (the 7th dim); blank-real and real-blank score 0 (one determinant row
+is zero and one of ``k1_7, k2_7`` is 0). Both have value product 0.
 
 Output. For token ``t`` with ``m = t + 1`` real tokens in its windows (windows cover the
 sequence), ``beta`` matching pairs and ``R = sum`` of ``exp(c cos(2 pi s_jk / M))`` over the
