@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from .data import Match3Source, balanced_modulus, position_baseline
 from .models import ModelConfig, count_parameters
+from .models.config import FORMS
 from .train import evaluate_batches, load_model, train
 
 SIZES = {
@@ -203,6 +204,8 @@ def run_demo(size: str = "cpu", out_dir: str | os.PathLike = "runs/demo", steps:
         steps = sz["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be None (size default) or an int >= 1, got {steps!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     out = Path(out_dir)

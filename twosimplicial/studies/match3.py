@@ -64,6 +64,8 @@ PRESETS: dict[str, dict] = {
     # settings: (n, M) pairs; (16, 55) has balanced labels (balanced_modulus(16) = 55), (32, 37) is the
     # recipe's modulus and length. Model: width 128 and 2 heads as in the recipe, the 2-simplicial layer
     # with the dot layer's head shape. 50k training sequences as in the recipe, trained for 60 epochs.
+    # Evaluation every eval_interval steps: the n_test test sequences and the first n_train_eval
+    # training sequences (training accuracy, to tell memorising from learning).
     "gpu": dict(settings=((16, 55), (32, 37)), depths=(1, 2), archs=ARCHS, seeds=(0, 1, 2, 3, 4),
                 dim=128, n_heads=2, s_heads=2, s_head_dim=64, n_train=50_000, n_test=8192, n_train_eval=4096,
                 steps=3000, batch_size=1000, lr=1e-3, warmup_steps=100, weight_decay=0.01, eval_interval=100),
@@ -292,7 +294,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         a.axhline(r0["position_baseline"], color="gray", ls="--", label="position-only baseline")
         a.axhline(r0["threshold"], color="gray", ls=":", label="threshold")
         a.set(xlabel="step", ylabel="test accuracy", title=f"n={n}, M={M}, {depth} layer(s): test accuracy")
-        b.set(xlabel="step", ylabel="loss (nats)", title=f"n={n}, M={M}, {depth} layer(s): loss")
+        b.set(xlabel="step", ylabel="loss (nats, log scale)", yscale="log",
+              title=f"n={n}, M={M}, {depth} layer(s): test (solid) and training (dashed) loss")
         for ax in (a, b):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
