@@ -245,3 +245,18 @@ def test_lse_has_no_gradient_triton_backend(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")                  # the kernels on CPU tensors
     _lse_gradient_behaviour("triton", torch.float32)
+
+
+
+def test_decode_lse_is_differentiable():
+    """The decode step is plain autograd: its lse carries the gradient of the float64 reference's
+    lse at the query's position (S = 3, windows (3, 2))."""
+    from twosimplicial.ops.decode import decode_two_simplicial_attention
+    q, k1, v1, k2, v2 = make_inputs(1, 3, 2, 1, 4, 4)
+    _, lse = decode_two_simplicial_attention(q[:, -1:], k1, v1, k2[:, 1:], v2[:, 1:], return_lse=True)
+    _, ref = naive_two_simplicial_attention(q, k1, v1, k2, v2, 3, 2)
+    assert lse.requires_grad
+    got = torch.autograd.grad(lse.sum(), (q, k1, k2))
+    want = torch.autograd.grad(ref[:, :, -1].sum(), (q, k1, k2))
+    for name, g, w in zip(("q", "k1", "k2"), got, want):
+        assert_close(g, w, 1e-6, f"d{name}")
