@@ -369,7 +369,8 @@ def _cli(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``demo`` on ``subparsers`` (of ``twosimplicial``)."""
     d = subparsers.add_parser("demo", help="Match3: a dot-product and a 2-simplicial model of equal size, "
-                                           "trained and compared", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                           "trained and compared", description=__doc__,
+                                formatter_class=_HelpFormatter)
     d.add_argument("--size", default="cpu", choices=sorted(SIZES),
                    help="cpu: a few minutes on 2 cores; gpu / gpu-large: longer sequences, larger models")
     d.add_argument("--out-dir", default=None,
@@ -386,3 +387,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="form of the 2-simplicial layer")
     d.set_defaults(fn=_cli)
     return d
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
