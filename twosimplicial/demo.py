@@ -1,8 +1,8 @@
 """``twosimplicial demo``: dot-product vs 2-simplicial attention on Match3, same parameter budget.
 
-Match3 (SPEC §5; ``twosimplicial.data.match3``): label ``y_i = 1`` iff some ``j, k <= i`` have
-``x_i + x_j + x_k = 0 (mod M)``. One 2-simplicial head can represent it (Roy et al. 2025,
-Thm 5.1, determinant form); dot-product attention needs far more depth or width.
+Match3 (docs/math.md, Match3; ``twosimplicial.data.match3``): label ``y_i = 1`` iff some
+``j, k <= i`` have ``x_i + x_j + x_k = 0 (mod M)``. One 2-simplicial head can represent it
+(Roy et al. 2025, Thm 5.1, determinant form); dot-product attention needs far more depth or width.
 
 Two models, identical except for the attention of their last layer (on the CPU size the
 only layer, which is the paper's claim: one 2-simplicial layer can represent Match3):
