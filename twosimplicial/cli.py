@@ -1,4 +1,4 @@
-"""Command line: ``twosimplicial {demo,train,eval,generate,sweep,fit}``.
+"""The twosimplicial command: train, evaluate and sample models with 2-simplicial attention; demo and studies.
 
     twosimplicial demo                                  # Match3: dot-product vs 2-simplicial, CPU, minutes
     twosimplicial train configs/cpu_smoke.toml [--set train.max_steps=50] [--resume]
@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import re
 import shlex
 import sys
 import tomllib
@@ -83,63 +85,112 @@ def _generate(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from .demo import run_demo
-    run_demo(size=args.size, out_dir=args.out_dir, steps=args.steps, device=args.device, seed=args.seed,
-             form=args.form)
-    return 0
+# reStructuredText inline markup in docstrings reused as help text: roles and literals.
+_RST_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj):`~?([^`]+)`")
+_RST_LITERAL = re.compile(r"``([^`]*)``")
+
+
+def _plain(text: str) -> str:
+    """``text`` with its reStructuredText markup removed, for a terminal."""
+    text = _RST_LITERAL.sub(r"\1", _RST_ROLE.sub(r"\1", text))
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    """An option whose help should end with its default: not a flag, not a positional, a default
+    worth printing, and help that does not already say what the default is."""
+    if not action.option_strings or action.nargs == 0:
+        return False
+    if action.default in (None, argparse.SUPPRESS) or action.default == []:
+        return False
+    return "default" not in (action.help or "")
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` and its subcommands' help read cleanly: descriptions keep their line breaks
+    (examples), reStructuredText markup is removed, and every option's default is shown."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if parser.description:
+        parser.description = _plain(parser.description)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = _plain(choice.help) if choice.help else choice.help
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                _finish_help(sub)
+            continue
+        if action.help is argparse.SUPPRESS:
+            continue
+        help = _plain(action.help) if action.help else action.help
+        if _shows_default(action):
+            help = f"{help} (default: %(default)s)" if help else "default: %(default)s"
+        action.help = help
+
+
+def _version() -> str:
+    import torch
+
+    from . import __version__
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "not installed"
+    return f"twosimplicial {__version__} (torch {torch.__version__}, triton {triton})"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="twosimplicial", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="twosimplicial", description=__doc__)
+    p.add_argument("--version", action="version", version=_version(),
+                   help="print the version of twosimplicial, torch and triton, and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="Match3: a dot-product and a 2-simplicial model of equal size, trained and compared")
-    d.add_argument("--size", default="cpu", choices=["cpu", "gpu", "gpu-large"],
-                   help="cpu: a few minutes on 2 cores; gpu / gpu-large: longer sequences, larger models")
-    d.add_argument("--out-dir", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None, help="training steps per model (default: by size)")
-    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--form", default="trilinear", choices=["trilinear", "determinant"],
-                   help="form of the 2-simplicial layer")
-    d.set_defaults(fn=_demo)
+    from . import demo
+    demo.add_parser(sub)
 
-    t = sub.add_parser("train", help="train from a TOML config")
-    t.add_argument("config")
+    t = sub.add_parser("train", help="train from a TOML config",
+                       description="Train a model from a TOML config into its run directory (run.out_dir); "
+                                   "see configs/ for examples.")
+    t.add_argument("config", help="TOML config: [run], [model], [data] and [train] tables")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config entry (repeatable), e.g. --set train.lr=1e-3")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    t.add_argument("--out-dir", default=None, help="shortcut for --set run.out_dir=...")
+    t.add_argument("--out-dir", default=None, help="shortcut for --set run.out_dir=... (default: the config's run.out_dir)")
     t.set_defaults(fn=_train)
 
-    e = sub.add_parser("eval", help="evaluate a run directory's latest checkpoint (JSON)")
-    e.add_argument("run_dir")
+    e = sub.add_parser("eval", help="evaluate a run directory's latest checkpoint (JSON)",
+                       description="Score a run's latest intact checkpoint: held-out code, HumanEval and math "
+                                   "NLL for language models, accuracy for Match3; prints and writes JSON.")
+    e.add_argument("run_dir", help="the run directory (twosimplicial train's run.out_dir)")
     e.add_argument("--out", default=None, help="JSON path (default: <run_dir>/eval.json)")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when available, else cpu")
     e.add_argument("--max-tokens", type=int, default=200_000, help="held-out code tokens to score")
-    e.add_argument("--math-problems", type=int, default=200)
-    e.add_argument("--match3-batches", type=int, default=20)
-    e.add_argument("--no-humaneval", action="store_true")
+    e.add_argument("--math-problems", type=int, default=200, help="held-out math problems to score")
+    e.add_argument("--match3-batches", type=int, default=20, help="Match3 batches to score (Match3 runs)")
+    e.add_argument("--no-humaneval", action="store_true", help="skip the HumanEval NLL")
     e.set_defaults(fn=_eval)
 
     from .studies import fit, match3, scaling
     scaling.add_parser(sub)
     fit.add_parser(sub)
-    st = sub.add_parser("study", help="small studies of what 2-simplicial attention buys (results under results/)")
-    match3.add_parser(st.add_subparsers(dest="study", required=True))
+    st = sub.add_parser("study", help="small studies of what 2-simplicial attention buys (results under results/)",
+                        description="Small studies of what 2-simplicial attention buys; results under results/.")
+    match3.add_parser(st.add_subparsers(dest="study", required=True, metavar="STUDY"))
 
-    g = sub.add_parser("generate", help="sample a continuation from a trained language model")
-    g.add_argument("run_dir")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generate", help="sample a continuation from a trained language model",
+                       description="Sample a continuation of --prompt from a language-model run's latest intact "
+                                   "checkpoint, with its own tokenizer.")
+    g.add_argument("run_dir", help="the run directory of a language-model run")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample")
+    g.add_argument("--temperature", type=float, default=0.8, help="divides the logits; 0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when available, else cpu")
     g.set_defaults(fn=_generate)
+    _finish_help(p)
     return p
 
 

@@ -335,19 +335,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[TwoSimplicialLM, dict]:
     """The model of a run directory at its latest intact checkpoint, in eval mode, and the run's
-    config (with ``cfg["checkpoint"] = {"name", "step"}`` added)."""
+    config (with ``cfg["checkpoint"] = {"name", "step"}`` added). The loading is
+    ``TwoSimplicialLM.from_pretrained``'s."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     cfg = json.loads(cfg_path.read_text())
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    model = TwoSimplicialLM(ModelConfig.from_dict(cfg["model_resolved"]))
-    model.load_state_dict(load_file(str(ck / "model.safetensors")))
-    cfg["checkpoint"] = {"name": ck.name, "step": int(json.loads((ck / checkpoint.MANIFEST).read_text())["step"])}
-    return model.to(device).eval(), cfg
+    if not isinstance(cfg, dict) or "model_resolved" not in cfg:
+        raise ValueError(f"{run_dir} is not a run directory ({cfg_path} is not a run's config)")
+    model = TwoSimplicialLM.from_pretrained(run_dir, device=device)
+    src = model.pretrained_source
+    cfg["checkpoint"] = {"name": Path(src["path"]).name, "step": src["step"]}
+    return model, cfg
 
 
 def run_corpus(run_dir: str | os.PathLike) -> CodeCorpus:

@@ -12,18 +12,36 @@ mixture of SwiGLU experts. Positions enter only through the rotary embeddings, s
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import checkpoint
 from .._validate import check_id_range, check_instance, check_int, check_token_ids
 from ..layers.attention import Attention
 from ..layers.cache import KVCache
 from ..layers.mlp import MoE, SwiGLU
 from ..layers.two_simplicial import TwoSimplicialAttention
 from .config import ModelConfig
+
+# Files of a ``save_pretrained`` directory. The weights file has the layout of a training
+# checkpoint's (``twosimplicial.checkpoint``), so either loads into the same model.
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = checkpoint.MANIFEST
+_CHECKPOINT_NAME = re.compile(r"^step-\d{7}$")
+_WHAT_LOADS = ("a run directory (config.json + checkpoints/), a checkpoint directory "
+               "(RUN/checkpoints/step-XXXXXXX) or a save_pretrained directory (config.json + model.safetensors "
+               "+ manifest.json)")
 
 
 class Block(nn.Module):
@@ -145,6 +163,183 @@ class TwoSimplicialLM(nn.Module):
             if aux_losses:
                 loss = loss + self.config.moe_aux_weight * self.last_aux_loss
         return logits, loss
+
+    # ----------------------------------------------------------------------- saving and loading
+    def save_pretrained(self, directory: str | os.PathLike, *, tokenizer=None) -> Path:
+        """Write the model to ``directory`` (created if needed), in the layout Hugging Face users expect:
+
+        * ``model.safetensors``: the state dict (a tied head under both of its names, as in
+          training checkpoints);
+        * ``config.json``: the :class:`ModelConfig` as a dict (``ModelConfig.from_dict`` rebuilds it);
+        * ``tokenizer.json``: ``tokenizer`` (a ``tokenizers.Tokenizer``), when given;
+        * ``manifest.json``: the SHA-256 of each file above, written last.
+
+        Every file is written under a temporary name and renamed into place, and an earlier
+        save's manifest is removed first: a save interrupted at any moment leaves a directory
+        that :meth:`from_pretrained` refuses, never one that mixes two models. Files an earlier
+        save wrote and this one does not (its tokenizer) are removed. Returns the directory.
+        """
+        from tokenizers import Tokenizer
+
+        from .. import __version__
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or None, got {type(tokenizer).__name__}")
+        out = Path(directory)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"directory {out} exists and is not a directory")
+        if _is_run_dir(out) or _is_checkpoint_dir(out):
+            raise ValueError(f"directory {out} is a training run's (or one of its checkpoints): save_pretrained "
+                             "would overwrite its files; choose another directory")
+        out.mkdir(parents=True, exist_ok=True)
+        try:                                        # the files an earlier save wrote here
+            earlier = _read_manifest(out)["files"] if (out / MANIFEST_FILE).is_file() else {}
+        except checkpoint.CheckpointError:
+            earlier = {}
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+
+        # clone: safetensors refuses tensors that share memory (a tied head); both names are kept
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        tmp = out / f".{WEIGHTS_FILE}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out / WEIGHTS_FILE)
+        checkpoint.write_atomic(out / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2))
+        files = [WEIGHTS_FILE, CONFIG_FILE]
+        if tokenizer is not None:
+            checkpoint.write_atomic(out / TOKENIZER_FILE, tokenizer.to_str())
+            files.append(TOKENIZER_FILE)
+        for name in earlier:
+            if name not in files and Path(name).name == name:
+                (out / name).unlink(missing_ok=True)
+        manifest = {"format": 1, "library": "twosimplicial", "version": __version__,
+                    "files": {name: checkpoint.file_sha256(out / name) for name in files}}
+        checkpoint.write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "TwoSimplicialLM":
+        """The model stored at ``path``, on ``device``, in eval mode. ``path`` is one of:
+
+        * a run directory (``twosimplicial train``): its latest intact checkpoint, chosen and
+          verified by ``twosimplicial.checkpoint.resolve`` (a missing or corrupt latest one falls
+          back to the newest intact one, with a warning on stderr); the config is the run's;
+        * a checkpoint directory ``RUN/checkpoints/step-XXXXXXX``: verified by its manifest;
+          the config is ``RUN/config.json``'s;
+        * a directory written by :meth:`save_pretrained`: verified by its manifest.
+
+        A file whose digest does not match its manifest raises ``CheckpointError`` (a
+        ``ValueError``) naming it. ``model.pretrained_source`` records what was loaded:
+        ``{"kind": "run" | "checkpoint" | "saved", "path": <the weights' directory>,
+        "step": <training step, None for a saved directory>}``. The tokenizer, where there is
+        one, is ``RUN/data/tokenizer.json`` or ``<saved>/tokenizer.json``
+        (``tokenizers.Tokenizer.from_file``).
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist: from_pretrained takes {_WHAT_LOADS}")
+        if not p.is_dir():
+            raise ValueError(f"{p} is not a directory: from_pretrained takes {_WHAT_LOADS}")
+        if _is_run_dir(p):
+            kind, config, config_file = "run", _model_config(p / CONFIG_FILE, run=True), p / CONFIG_FILE
+            weights_dir = checkpoint.resolve(p, warn=_warn)
+            if weights_dir is None:
+                raise FileNotFoundError(f"{p} holds no checkpoint yet (nothing in {p / 'checkpoints'})")
+            step = int(_read_manifest(weights_dir)["step"])
+        elif _is_checkpoint_dir(p):
+            kind, config_file = "checkpoint", p.parent.parent / CONFIG_FILE
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{config_file} is missing: the checkpoint {p} takes its config from its run")
+            step = int(checkpoint.verify(p)["step"])
+            config, weights_dir = _model_config(config_file, run=True), p
+        elif (p / CONFIG_FILE).is_file() or (p / MANIFEST_FILE).is_file():
+            kind, config_file, weights_dir, step = "saved", p / CONFIG_FILE, p, None
+            _verify_saved(p)
+            config = _model_config(config_file, run=False)
+        else:
+            raise ValueError(f"{p} is not {_WHAT_LOADS}")
+        model = cls(config)
+        weights = weights_dir / WEIGHTS_FILE
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except RuntimeError as e:
+            raise ValueError(f"{weights} does not fit the model of {config_file}: {str(e).strip()}") from None
+        model.pretrained_source = {"kind": kind, "path": str(weights_dir), "step": step}
+        return model.to(device).eval()
+
+
+def _warn(msg: str) -> None:
+    print(f"twosimplicial: warning: {msg}", file=sys.stderr)
+
+
+def _is_run_dir(p: Path) -> bool:
+    """A training run's directory: ``checkpoints/``, or a config.json with the run's resolved model."""
+    if (p / "checkpoints").is_dir():
+        return True
+    try:
+        return "model_resolved" in json.loads((p / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _is_checkpoint_dir(p: Path) -> bool:
+    return bool(_CHECKPOINT_NAME.match(p.name)) and p.parent.name == "checkpoints"
+
+
+def _read_manifest(directory: Path) -> dict:
+    mf = directory / MANIFEST_FILE
+    try:
+        manifest = json.loads(mf.read_text())
+        if not isinstance(manifest.get("files"), dict):
+            raise KeyError("files")
+    except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise checkpoint.CheckpointError(f"{mf}: unreadable manifest ({e})") from None
+    return manifest
+
+
+def _verify_saved(directory: Path) -> None:
+    """Check a ``save_pretrained`` directory against its manifest (``CheckpointError`` naming the file)."""
+    if not (directory / MANIFEST_FILE).is_file():
+        raise checkpoint.CheckpointError(f"{directory}: no {MANIFEST_FILE} (an incomplete or interrupted "
+                                         "save_pretrained)")
+    files = _read_manifest(directory)["files"]
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if name not in files:
+            raise checkpoint.CheckpointError(f"{directory}: the manifest lists no {name}")
+    for name, digest in files.items():
+        f = directory / name
+        if not f.is_file():
+            raise checkpoint.CheckpointError(f"{f}: missing")
+        if checkpoint.file_sha256(f) != digest:
+            raise checkpoint.CheckpointError(f"{f}: SHA-256 does not match the manifest (the file is corrupt)")
+
+
+def _model_config(config_file: Path, *, run: bool) -> ModelConfig:
+    """The ModelConfig of a run's config.json (its ``model_resolved``) or of a saved one (the whole file)."""
+    try:
+        d = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if run:
+        if not isinstance(d, dict) or not isinstance(d.get("model_resolved"), dict):
+            raise ValueError(f"{config_file}: a run's config must hold the model's config under 'model_resolved'")
+        d = d["model_resolved"]
+    if not isinstance(d, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of ModelConfig fields")
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{config_file}: {e}") from None
 
 
 def count_parameters(config_or_model) -> dict[str, int]:
