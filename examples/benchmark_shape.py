@@ -9,7 +9,8 @@ exact PyTorch path does (float32). Each time is the median of ``--repeats`` call
 
 The determinant form is counted at its input head dim ``D``, like the trilinear one. ``--sdpa``
 also times dot-product attention (``torch.nn.functional.scaled_dot_product_attention``) of the
-same FLOPs: query length ``S``, key length ``w1 * w2``, the same heads and head dim.
+same FLOPs (for ``S`` much larger than the windows): query length ``S``, key length ``w1 * w2``,
+the same heads and head dim.
 
     python examples/benchmark_shape.py                       # B=1 S=1024 Hq=4 Hkv=1 D=64 (w1, w2)=(256, 32)
     python examples/benchmark_shape.py --seq 8192 --heads 64 --kv-heads 1 --head-dim 128 --batch 2 --sdpa
@@ -115,10 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"(w1, w2)=({w1}, {w2}) {args.form}")
     print("FLOPs: 4*D per valid triple forward (sum_i min(i+1,w1)*min(i+1,w2) triples per batch and head), "
           "backward 2.5x the forward")
+    bwd_tflops = None if bwd_ms is None else tflops(bwd_ms, 2.5 * flops)
     result = {"device": name, "dtype": str(dtype), "shape": dict(B=B, S=S, Hq=Hq, Hkv=Hkv, D=D, w1=w1, w2=w2),
               "form": args.form, "forward_flops": flops,
               "two_simplicial": {"fwd_ms": fwd_ms, "fwd_tflops": tflops(fwd_ms, flops),
-                                 "bwd_ms": bwd_ms, "bwd_tflops": None if bwd_ms is None else tflops(bwd_ms, 2.5 * flops)}}
+                                 "bwd_ms": bwd_ms, "bwd_tflops": bwd_tflops}}
     rows = [("2-simplicial", result["two_simplicial"])]
     if args.sdpa:
         L = w1 * w2

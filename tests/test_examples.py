@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from twosimplicial import TwoSimplicialLM
@@ -14,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def run_example(name: str, *args) -> dict:
+def run_example(name: str, *args, env=ENV) -> dict:
     """Run ``examples/<name>`` and return the JSON object its last line prints."""
     r = subprocess.run([sys.executable, str(ROOT / "examples" / name), *map(str, args)], capture_output=True,
-                       text=True, env=ENV, timeout=600)
+                       text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -53,3 +54,12 @@ def test_benchmark_shape():
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
         assert math.isclose(r["bwd_tflops"] / r["fwd_tflops"], 2.5 * r["fwd_ms"] / r["bwd_ms"])
     assert res["sdpa"]["key_len"] == w1 * w2 and res["sdpa"]["forward_flops"] == 4 * D * B * Hq * S * w1 * w2
+
+
+@pytest.mark.gpu
+def test_benchmark_shape_on_the_gpu():
+    env = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
+    res = run_example("benchmark_shape.py", "--sdpa", env=env)          # the defaults: bf16, Triton kernels
+    assert res["device"] == torch.cuda.get_device_name() and res["dtype"] == str(torch.bfloat16)
+    for impl in ("two_simplicial", "sdpa"):
+        assert res[impl]["fwd_ms"] > 0 and res[impl]["bwd_ms"] > 0

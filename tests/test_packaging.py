@@ -37,7 +37,8 @@ def test_triton_is_an_extra_not_a_dependency():
 def test_license_file():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
-    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text and "END OF TERMS AND CONDITIONS" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text
     assert text.startswith("Copyright 2026 The twosimplicial authors.")
     assert PYPROJECT["project"]["license"] == "Apache-2.0" and PYPROJECT["project"]["license-files"] == ["LICENSE"]
 
@@ -49,8 +50,8 @@ def wheel(tmp_path_factory):
     shutil.copytree(ROOT / "twosimplicial", src / "twosimplicial", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
-    r = subprocess.run([sys.executable, "-c", "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"],
-                       cwd=src, capture_output=True, text=True, env=ENV, timeout=300)
+    build = "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"
+    r = subprocess.run([sys.executable, "-c", build], cwd=src, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return src / "dist" / r.stdout.strip().splitlines()[-1]
 

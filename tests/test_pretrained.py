@@ -218,3 +218,12 @@ def test_no_temporary_files_are_left(saved):
     _, out = saved
     assert sorted(p.name for p in Path(out).iterdir()) == ["config.json", "manifest.json", "model.safetensors",
                                                            "tokenizer.json"]
+
+
+@pytest.mark.gpu
+def test_loads_onto_the_gpu(saved):
+    model, out = saved
+    loaded = TwoSimplicialLM.from_pretrained(out, device="cuda")
+    assert loaded.embed.weight.is_cuda and loaded.head.weight is loaded.embed.weight
+    x = tokens(model.config)
+    torch.testing.assert_close(logits(loaded, x.cuda()).cpu(), logits(model.eval(), x), rtol=1e-3, atol=1e-3)

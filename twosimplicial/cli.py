@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config entry (repeatable), e.g. --set train.lr=1e-3")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    t.add_argument("--out-dir", default=None, help="shortcut for --set run.out_dir=... (default: the config's run.out_dir)")
+    t.add_argument("--out-dir", default=None,
+                   help="shortcut for --set run.out_dir=... (default: the config's run.out_dir)")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a run directory's latest checkpoint (JSON)",
