@@ -44,7 +44,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -181,7 +180,12 @@ def train_run(spec: dict, device: str | torch.device) -> dict:
     return {"spec": spec, "parameters": count_parameters(cfg)["total"], "curves": curves,
             "final": {k: v[-1] for k, v in curves.items() if k != "step"},
             "n_train": N, "n_test": len(x_test), "test_duplicates_removed": data["test_duplicates_removed"],
-            "device": str(device), "wall_s": time.perf_counter() - t0}
+            "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
+            "wall_s": time.perf_counter() - t0}
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -375,7 +379,7 @@ def run_study(preset: str = "gpu", out: str | os.PathLike = "results/match3", de
     res = {
         "preset": preset, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "seeds": list(seeds), "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device_name": _device_name(device),
         "torch": torch.__version__, "train_wall_s_this_invocation": train_wall,
         "split": ("per (setting, seed): n_train training sequences from one random stream, trained for many "
                   "epochs; n_test test sequences from an independent stream with every sequence that also "
