@@ -87,7 +87,7 @@ def test_window_below_one(which, bad):
         call(good(), **kw)
 
 
-@pytest.mark.parametrize("bad", [2.0, "4", True, None])
+@pytest.mark.parametrize("bad", [2.0, "4", True])
 @pytest.mark.parametrize("which", ["w1", "w2"])
 def test_window_not_integer(which, bad):
     kw = {"w1": 3, "w2": 2, which: bad}

@@ -344,7 +344,8 @@ def run_demo_seeds(seeds=(0, 1, 2, 3, 4), size: str = "cpu", out_dir: str | os.P
 
 
 # --------------------------------------------------------------------------- command line
-def _seeds(text: str) -> tuple[int, ...]:
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2`` (argparse type; the demo's and the Match3 study's)."""
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
@@ -379,7 +380,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps per model (default: by size)")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--seeds", type=_seeds, default=None,
+    d.add_argument("--seeds", type=parse_seeds, default=None,
                    help="comma-separated seeds, e.g. 0,1,2,3,4: run the demo once per seed (seeds already run in "
                         "--out-dir are read back) and write the seed spread to --spread-out")
     d.add_argument("--spread-out", default=str(SPREAD_JSON), help="with --seeds: where the seed spread is written")

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import match3_labels, position_baseline
-from ..demo import matched_models
+from ..demo import matched_models, parse_seeds
 from ..models import ModelConfig, TwoSimplicialLM, count_parameters
 from ..train import TrainConfig, _param_groups, evaluate_batches, lr_lambda
 
@@ -407,13 +407,6 @@ def _print_table(rows: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------- command line
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 0,1,2, got {text!r}") from None
-
-
 def _cli(args) -> int:
     run_study(preset=args.preset, out=args.out, device=args.device, seeds=args.seeds, workers=args.workers)
     return 0
@@ -427,7 +420,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="gpu: the study (minutes on one GPU); cpu-tiny: every code path in seconds")
     p.add_argument("--out", default="results/match3", help="output directory (runs/ inside it makes the study resumable)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: the preset's, 0..4 for gpu)")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="comma-separated seeds (default: the preset's, 0..4 for gpu)")
     p.add_argument("--workers", type=int, default=None, help="runs trained side by side (default: 8 on CUDA, 1 on CPU)")
     p.set_defaults(fn=_cli)
     return p
