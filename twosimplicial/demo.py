@@ -185,6 +185,17 @@ def spread_verdict(gap: float, experiment: dict, spread_json: str | os.PathLike 
             f"(2-simplicial ahead on {s['simplicial_ahead']} of {len(m['seeds'])} seeds).")
 
 
+def _size_and_device(size: str, device: str) -> str:
+    """Check ``size`` and ``device``; return the device ``"auto"`` stands for."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def run_demo(size: str = "cpu", out_dir: str | os.PathLike = "runs/demo", steps: int | None = None,
              device: str = "auto", seed: int = 0, parallel: bool | None = None, form: str = "trilinear",
              overwrite: bool = False, spread_json: str | os.PathLike | None = SPREAD_JSON) -> dict:
@@ -193,12 +204,7 @@ def run_demo(size: str = "cpu", out_dir: str | os.PathLike = "runs/demo", steps:
     An earlier demo's run directories in ``out_dir`` are replaced only with ``overwrite=True``
     (else ``FileExistsError``). ``spread_json``: the seed spread (:func:`run_demo_seeds`) the gap
     is compared with, when it was measured for these settings; ``None`` skips the comparison."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _size_and_device(size, device)
     sz = SIZES[size]
     if steps is None:
         steps = sz["steps"]
@@ -303,12 +309,7 @@ def run_demo_seeds(seeds=(0, 1, 2, 3, 4), size: str = "cpu", out_dir: str | os.P
     if isinstance(seeds, (str, bytes)) or not seeds or any(
             isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty sequence of distinct ints, got {seeds!r}")
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _size_and_device(size, device)
     experiment = _experiment(size, form, SIZES[size]["steps"] if steps is None else steps, device)
     per_seed = []
     for seed in seeds:
