@@ -103,3 +103,33 @@ def test_demo_rejects_bad_seeds(tmp_path):
     with pytest.raises(SystemExit):
         _parser().parse_args(["demo", "--seeds", "0,a"])
     assert not (tmp_path / "s").exists()
+
+
+def test_parallel_progress_bars_stop_with_their_runs(tmp_path, monkeypatch):
+    """Each bar reaches its run's last step, is closed once, and is not moved after that."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, **kw):
+            self.total, self.closed, self._n = total, False, 0
+            bars.append(self)
+
+        @property
+        def n(self):
+            return self._n
+
+        @n.setter
+        def n(self, value):
+            assert not self.closed, "a finished run's bar kept counting"
+            self._n = value
+
+        def set_postfix(self, **kw):
+            assert not self.closed, "a finished run's bar kept counting"
+
+        def close(self):
+            assert not self.closed, "closed twice"
+            self.closed = True
+
+    monkeypatch.setattr(demo, "tqdm", Bar)
+    demo.run_demo(out_dir=tmp_path / "demo", steps=3, device="cpu", parallel=True, spread_json=None)
+    assert len(bars) == 2 and all(b.closed and b.n == b.total == 3 for b in bars)
