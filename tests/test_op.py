@@ -260,3 +260,17 @@ def test_decode_lse_is_differentiable():
     want = torch.autograd.grad(ref[:, :, -1].sum(), (q, k1, k2))
     for name, g, w in zip(("q", "k1", "k2"), got, want):
         assert_close(g, w, 1e-6, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_windows_past_int64_mean_the_whole_past(backend, monkeypatch):
+    """Windows are clamped to S once, at the boundary: 2**64 works on both backends (it used to
+    overflow the Triton custom op's int64 arguments) and equals a window of S."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ins = make_inputs(1, 6, 2, 1, 4, 4, dtype=torch.float32)
+    huge = two_simplicial_attention(*ins, 2**64, 2**63 + 5, backend=backend)
+    torch.testing.assert_close(huge, two_simplicial_attention(*ins, 6, 6, backend=backend))
+    huge.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in ins)

@@ -95,10 +95,12 @@ def _pick_backend(backend, q):
 
 def check_window(name: str, w, S):
     """A window length: an integer >= 1, or ``None`` for no limit (the whole causal past, a
-    window of ``S``)."""
+    window of ``S``). Returned clamped to ``S`` (at least 1), so the backends see windows that
+    fit their integer types: a window of 2**64 means what a window of ``S`` does."""
     if w is None:
         return S
-    return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
+    w = check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
+    return max(1, min(w, S))            # a window past the sequence is the whole past (and fits an int64)
 
 
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
