@@ -1,7 +1,7 @@
 """Run the Triton forward and backward once on one case, for a profiler (ncu) to watch.
 
     ncu -k regex:_two_simplicial_fwd_kernel -c 1 --section WarpStateStats ... \\
-        python3 benchmarks/profile_once.py --case mha --seq 4096
+        python3 -m benchmarks.tuning.profile_once --case mha --seq 4096
 
 The first call compiles (not profiled when ``-c 1`` names the second launch with
 ``--launch-skip 1``); the shapes are the benchmark's cases with a shorter sequence.

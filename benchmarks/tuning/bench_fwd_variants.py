@@ -1,8 +1,8 @@
 """Device script for the Triton forward (twosimplicial/ops/triton_fwd.py): check, then time variants.
 
-    PYTHONPATH=. python3 benchmarks/bench_fwd_variants.py [--variants NAME,...] [--cases CASE[:V1+V2],...]
+    python3 -m benchmarks.tuning.bench_fwd_variants [--variants NAME,...] [--cases CASE[:V1+V2],...]
 
-e.g. ``--variants default,3st --cases gqa64:default+3st,det:default+3st-pf``
+from the repository root, e.g. ``--variants default,3st --cases gqa64:default+3st,det:default+3st-pf``
 checks the three variants on reduced shapes, then times two of them per case (~1 min on an H100).
 
 1. Correctness of each variant (bf16) on reduced shapes against float64 through the
@@ -20,10 +20,10 @@ import math
 import torch
 import triton
 
+from benchmarks.bench_kernels import n_triples
+from benchmarks.tuning.bench_bwd_variants import load_module
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention
 from twosimplicial.ops.triton_fwd import two_simplicial_fwd
-
-from bench_bwd_variants import load_module  # this folder is on sys.path when run as a script
 
 CASES = {  # name: (B, S, Hq, Hkv, D, Dv, w1, w2); FLOPs counted at head dim min(D, Dv)
     "gqa64": (2, 8192, 64, 1, 128, 128, 512, 32),
@@ -88,11 +88,6 @@ def report_kernels():
                                    capture_output=True, text=True)
                 notes = [x.strip() for x in (r.stdout + r.stderr).splitlines() if "C75" in x or "spill" in x]
             print(line, "|", " ; ".join(notes)[:300], flush=True)
-
-
-def n_triples(S, w1, w2):
-    i = torch.arange(S, dtype=torch.float64)
-    return float((torch.clamp(i + 1, max=w1) * torch.clamp(i + 1, max=w2)).sum())
 
 
 def rand(*shape, gen, dtype=torch.bfloat16):

@@ -1,6 +1,6 @@
 """Device script for the Triton backward (twosimplicial/ops/triton_bwd.py): check, then time variants.
 
-    PYTHONPATH=. python3 benchmarks/bench_bwd_variants.py --out $OUT/bwd.json [--quick] [--no-checks]
+    python3 -m benchmarks.tuning.bench_bwd_variants --out $OUT/bwd.json [--quick] [--no-checks]
         [--variants '{"gqa64": [["v6", null], ["n32", {"BN": 32}], ["old", {"module": "path/to/old.py"}]],
                       "mha": [...]}']
 
@@ -23,12 +23,8 @@ import math
 import torch
 import triton
 
+from benchmarks.bench_kernels import n_triples
 from twosimplicial.ops.triton_bwd import two_simplicial_bwd
-
-
-def n_triples(S, w1, w2):
-    i = torch.arange(S, dtype=torch.float64)
-    return float((torch.clamp(i + 1, max=w1) * torch.clamp(i + 1, max=w2)).sum())
 
 
 def inputs(B, S, Hq, Hkv, D, Dv, dtype, seed=0, mult=1.0):
