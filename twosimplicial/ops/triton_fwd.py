@@ -48,9 +48,9 @@ loop, which costs less than a masked narrow block; for ``P > 2`` by masked narro
 
 Loads. On the GPU the key blocks come through the copy engine (TMA): one descriptor per
 tensor over the 3-D view ``[B, S, Hkv * D]`` with ``[1, BLOCK_N, D]`` blocks, whose rows outside
-``[0, S)`` read as zeros (then masked), so the loop computes no addresses (+6-7% on an H100,
-benchmarks/NOTES.md). Tensors the copy engine cannot read (head dim not a power of two >= 16,
-heads not packed, not 16-byte aligned) take pointer loads with indices clamped into the sequence.
+``[0, S)`` read as zeros (then masked), so the loop computes no addresses (docs/kernels.md,
+Loads). Tensors the copy engine cannot read (head dim not a power of two >= 16, heads not
+packed, not 16-byte aligned) take pointer loads with indices clamped into the sequence.
 
 Numerics: fp32 accumulation; masked logits are -inf but the running max starts at a finite
 -1e30, so a row that sees only masked keys gets ``p = 2^-inf = 0`` rather than NaN, and
@@ -185,13 +185,12 @@ def _two_simplicial_fwd_kernel(
             # (16 equal columns), not a row reduction of z * k_b[i0 + 1]: shorter before the first
             # key block, and with z used by two products of different widths Triton builds z
             # in the MMA operand layout once, in registers, instead of re-reading it from shared
-            # memory in every key block (mha +2%, mha-d64 +7%; benchmarks/NOTES.md, session 7)
+            # memory in every key block (docs/kernels.md, The right-edge key)
             s_e = tl.where(sees_e, tl.reduce(tl.dot(z, tl.trans(kb_e), input_precision=DOT_PREC), 1, _MAX), -1.0e30)
             # the right-edge key's logit and weight enter the running (m, l) first (m = qk_scale
             # s_e, l = 1 for the rows that see it), so that only its value needs adding after
-            # the loop, without rescaling acc (-2% instructions per tile against folding it in
-            # last; adding v_b[i0 + 1] to acc here instead made mha's merge reduce by shuffles:
-            # -1.5%, benchmarks/NOTES.md, session 6)
+            # the loop, without rescaling acc; its value is not put into acc here because the
+            # compiler then reduces the merge (2) by shuffles, which is slower
             m_i = tl.where(sees_e, s_e * qk_scale, -1.0e30)
             l_i = tl.where(sees_e, 1.0, 0.0)
         else:
@@ -200,7 +199,8 @@ def _two_simplicial_fwd_kernel(
         acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
         # stage 0: blocks k = 0 .. n_blk-1, [hi - (k+1) BLOCK_N, hi - k BLOCK_N), masked only from
         # n_full on (the left edge), in one loop so that Triton pipelines the edge block's loads
-        # with the others (a loop of its own would wait for them: -6% on mha, NOTES.md);
+        # with the others (Triton pipelines each loop apart: a loop of its own would wait for its
+        # first block's loads in full);
         # stage 1: the right edge [hi, hi + P - 1) in narrow blocks of BLOCK_N2 keys, masked.
         for stage in tl.static_range(2):
             if stage == 0:
@@ -336,9 +336,9 @@ def fwd_config(gkv: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int
                block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                maxnreg: int | None = None, prefetch_vs: bool | None = None, int64_idx: bool = False,
                tma: bool | None = None, edge_dot: bool | None = None) -> dict:
-    """Launch configuration. Defaults measured on an H100 (benchmarks/NOTES.md): 64 rows and 4
-    warps (one warpgroup) beat 128 rows and 8 warps by ~20%, because two such programs fit on an
-    SM and overlap one's softmax with the other's matrix products. A small window wider than the
+    """Launch configuration. The defaults were chosen by measurement on Hopper (docs/kernels.md,
+    Launch configuration): 64 rows and 4 warps (one warpgroup) beat 128 rows and 8 warps, because
+    two such programs fit on an SM and overlap one's softmax with the other's matrix products. A small window wider than the
     tile (ws > T) makes the kernel loop over offset chunks, which costs registers (spills), so
     tiles grow to 128 rows to hold up to 128 offsets at once. The interpreter gets tiny tiles."""
     if interpret:
