@@ -56,7 +56,7 @@ needs |q_d k_s,d| < 65504): with bf16 inputs and logits of size ~1e4
 there, though finite. The rows kernel's 0/1-matrix sums run in bf16 on the GPU: one product
 (each term rounded to bf16, like z) for bf16 inputs, hi + lo parts (~16 bits) for fp16/fp32.
 fp16: P and dS are rounded to fp16 for the products (as in
-FlashAttention), so gradients past fp16's range overflow. Measured errors and speed: benchmarks/NOTES.md, "Backward".
+FlashAttention), so gradients past fp16's range overflow. Measured errors and speed: docs/kernels.md.
 
 Deterministic: same inputs give bitwise the same gradients (no atomics; every sum has a fixed
 order). On CPU tensors the kernels run under the Triton interpreter (whatever TRITON_INTERPRET
@@ -126,8 +126,8 @@ def _in_window(i, j, WB):
 
 @triton.jit
 def _tile_at(it, j0, n_t, BI: tl.constexpr, BT: tl.constexpr):
-    """Position and offset chunk of the keys kernel's flat tile index ``it``. (A division-free
-    form for n_t = 1 made the compiler spill more: +10% on gqa64, benchmarks/NOTES.md.)"""
+    """Position and offset chunk of the keys kernel's flat tile index ``it``. (Divisions even
+    when n_t = 1: a division-free form for that case made the compiler spill more.)"""
     return j0 + (it // n_t) * BI, (it % n_t) * BT
 
 
@@ -140,8 +140,8 @@ def _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
     q, dO once per (position, head) ``[BI, BH, D]``, k_s, v_s once per (position, offset)
     ``[BI, BT, D]``, broadcast into z = q * k_s and dO' = dO * v_s ``[BI * BH * BT, D]`` (rounded
     once to the input dtype, as in the forward). Loading every row's q, k_s, dO, v_s instead
-    read each q, dO row BT times and each k_s, v_s row BH times: the compact loads take the
-    keys kernel from 62 to 57 ms on gqa64 (benchmarks/NOTES.md, session 6).
+    would read each q, dO row BT times and each k_s, v_s row BH times; the compact loads also
+    need smaller staging buffers, which leaves room for a third pipeline stage (docs/kernels.md).
     Lse and Delta per (position, head). Rows of offsets that do not exist (l < 0, t >= ws) get
     k_s = v_s = 0, so z = dO' = 0 and they add nothing to dk_b, dv_b; rows of positions or
     heads that do not exist get lse = inf (P = 0)."""
@@ -358,10 +358,9 @@ def _bwd_rows(
             l = ii - t
             rvalid = hvalid & (ii < S) & (t < WS) & (l >= 0)
             # built once per tile, used against every key block of the big window. Tiles of one
-            # position (GQA) take the keys kernel's compact loads: the rows kernel's loop then
-            # spills half as much, gqa64 rows kernel 50.1 -> 43.7 ms; for tiles of several
-            # positions the broadcast z went to shared memory by 16-bit stores, so they keep the
-            # per-row loads (benchmarks/NOTES.md, session 7)
+            # position (GQA) take the keys kernel's compact loads, with which the rows kernel's
+            # loop spills about half as much; for tiles of several positions the broadcast z
+            # goes to shared memory by 16-bit stores, so they keep the per-row loads
             if BI == 1:
                 z, dop, lse2, dlt = _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
                                                  sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
@@ -375,8 +374,8 @@ def _bwd_rows(
                 # problem are zero already), but it keeps the compiler from converting q, k_s,
                 # dO, v_s to the MMA operand layout one by one and holding z, dO' in registers
                 # across the key loop, where they spilled; z, dO' then stay in shared memory and
-                # are read per key block. Measured: mha -3.5%, but gqa64 (one position per tile)
-                # +8%, so only for tiles of several positions (benchmarks/NOTES.md, session 5)
+                # are read per key block. That is faster for tiles of several positions (MHA) and
+                # slower for one-position tiles (GQA), which keep z in registers
                 z = tl.where(rvalid[:, None], z, 0.0)
                 dop = tl.where(rvalid[:, None], dop, 0.0)
             dz = tl.full([BM, D_PAD], 0.0, tl.float32)
@@ -507,19 +506,17 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
     if deep and bi > 1 and bt > 16 and _pow2(bi + bt - 1) > bt:
         # a tile of several positions reaches bi + bt - 1 small keys: halving the offsets per
         # tile (twice the positions) keeps that within bt rows instead of 2 bt, which halves
-        # the 0/1 products of the dk_s / dv_s sums (MHA: 35 -> 23 keys, 64 -> 32 rows: -4% on
-        # the rows kernel, benchmarks/NOTES.md, session 6)
+        # the 0/1 products of the dk_s / dv_s sums (MHA: 35 -> 23 keys, 64 -> 32 rows)
         bt, bi = bt // 2, bi * 2
     if deep and bi > 1:
         # rows kernel, tiles of several positions (z, dO' in shared memory, see _bwd_rows): a
-        # third stage of key blocks: -7% on mha; single-position tiles (gqa64) lost 8% with it
-        # (measured in session 6, before they took the compact inputs; not remeasured since)
+        # third stage of key blocks; single-position tiles (GQA) hold z, dO' in registers and
+        # were slower with it
         stages = 3
-    # keys kernel: at most 16 offsets per tile (more positions or heads instead): -6% on gqa64
-    # and mha against 32 offsets (benchmarks/NOTES.md, session 6); heads per tile: a power of
-    # two that divides G, so that no tile row is a padding head. Wide rows (the determinant
-    # form's 256-wide head) keep up to 32 offsets, and the rows kernel its tiles: both rules
-    # cost it 6%.
+    # keys kernel: at most 16 offsets per tile (more positions or heads instead), faster than
+    # 32 on both GQA and MHA; heads per tile: a power of two that divides G, so that no tile
+    # row is a padding head. Wide rows (the determinant form's 256-wide head) keep up to 32
+    # offsets, and the rows kernel its tiles: both rules made that case slower.
     kbt = min(_pow2(ws), kbm, 16 if deep else kbm)
     kbh = min(G & -G, kbm // kbt)
     return dict(BI=bi, BH=bh, BT=bt, BN=bn, NB_MIN=nb_min, num_warps=warps, num_stages=stages,
@@ -612,9 +609,9 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
 
     # The two kernels share no outputs. When the keys kernel has many programs (two or more
     # per SM), it runs on a side stream of high priority, launched first, and the rows
-    # kernel's programs fill the SMs its last wave leaves idle (MHA: -5% with the rows tile
-    # change, benchmarks/NOTES.md, session 6). With few long programs (GQA-64: 128 programs
-    # of ~50 ms on 132 SMs) running them together was slower (+1.6%), so they run in turn.
+    # kernel's programs fill the SMs its last wave leaves idle (faster on MHA). With few long
+    # programs (GQA-64: 128 programs, about one per SM) running them together was slower, so
+    # they run in turn (docs/kernels.md, Two streams).
     # The caller's stream waits for the side stream before this returns.
     keys_grid = (triton.cdiv(S, cfg["KBN"]), B * HKV)
     concurrent = on_gpu and cfg.get("concurrent", keys_grid[0] * keys_grid[1] >= 2 * _sm_count(q.device))
