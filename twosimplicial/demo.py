@@ -385,7 +385,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated seeds, e.g. 0,1,2,3,4: run the demo once per seed (seeds already run in "
                         "--out-dir are read back) and write the seed spread to --spread-out")
     d.add_argument("--spread-out", default=str(SPREAD_JSON), help="with --seeds: where the seed spread is written")
-    d.add_argument("--form", default="trilinear", choices=["trilinear", "determinant"],
+    d.add_argument("--form", default="trilinear", choices=FORMS,
                    help="form of the 2-simplicial layer")
     d.set_defaults(fn=_cli)
     return d

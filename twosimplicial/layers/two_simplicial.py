@@ -10,6 +10,7 @@ from torch import nn
 
 from .._validate import check_bool, check_choice, check_int, check_layer_call, check_real
 from ..ops import two_simplicial_attention
+from ..ops.forms import REGISTRY, ROTARY_FORMS
 from ..ops.interface import BACKENDS, FORMS
 from ..ops.decode import decode_two_simplicial_attention
 from .cache import WindowCache
@@ -27,16 +28,18 @@ class TwoSimplicialAttention(nn.Module):
         head_dim: per-head width of q, k1, k2, v1, v2 (default ``dim // heads``).
         w1, w2: window lengths for (k1, v1) and (k2, v2), or ``None`` for no limit (the
             whole causal past; a cache then keeps every past position).
-        form: ``"trilinear"`` or ``"determinant"``.
+        form: a name in :data:`~twosimplicial.ops.forms.FORMS` (``"trilinear"``,
+            ``"determinant"``); ``head_dim`` must reach the form's minimum (3 for the determinant).
         kv_offsets: add constants to K2 and V2 as Meta's kernels do (``q.(k1*(k2+c))``
             folds a plain dot-product term into the trilinear one). ``True`` uses
             ``(1/head_dim, 1.0)``; a pair ``(k2_offset, v2_offset)`` sets them; ``False``
             (default) adds nothing.
         bias: biases on the projections.
         backend: passed to :func:`two_simplicial_attention`.
-        rotary: the determinant form's 3-chunk rotary embedding (docs/math.md, Rotary; needs
-            ``form="determinant"``): q, k1 and k2 (after the offsets) are rotated by their
-            absolute positions, and the logits depend on relative positions only.
+        rotary: the 3-chunk rotary embedding (docs/math.md, Rotary; needs a rotation-invariant
+            form, e.g. ``form="determinant"``, and ``head_dim >= 3``): q, k1 and k2 (after the
+            offsets) are rotated by their absolute positions, and the logits depend on relative
+            positions only.
         rope_theta: base of the rotary frequency ladder.
 
     ``forward(x, start_pos=0, cache=None)``: ``start_pos`` is the absolute position of
@@ -61,6 +64,8 @@ class TwoSimplicialAttention(nn.Module):
             head_dim = dim // heads
         head_dim = check_int("head_dim", head_dim, 1, what="a positive integer")
         check_choice("form", form, FORMS)
+        if head_dim < REGISTRY[form].min_head_dim:
+            raise ValueError(f"form={form!r} needs head_dim >= {REGISTRY[form].min_head_dim}, got {head_dim}")
         check_choice("backend", backend, BACKENDS)
         w1, w2 = (None if w is None else check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
                   for name, w in (("w1", w1), ("w2", w2)))
@@ -85,9 +90,9 @@ class TwoSimplicialAttention(nn.Module):
         self.k2_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.v2_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.out_proj = nn.Linear(heads * head_dim, dim, bias=bias)
-        if rotary and form != "determinant":
-            raise ValueError("rotary=True needs form='determinant': rotations preserve determinants, "
-                             "not the trilinear form, so only there do the logits become relative")
+        if rotary and not REGISTRY[form].rotary:
+            raise ValueError(f"rotary=True needs a rotation-invariant form {ROTARY_FORMS}, got form={form!r}: "
+                             "only there do rotations make the logits relative")
         if rotary and head_dim < 3:
             raise ValueError(f"rotary=True needs head_dim >= 3 (one 3-chunk), got {head_dim}")
         self.rotary = Rotary3D(head_dim, rope_theta) if rotary else None

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-FORMS = ("trilinear", "determinant")
+from ..ops.forms import FORMS, REGISTRY, ROTARY_FORMS
 
 
 @dataclass
@@ -38,9 +38,9 @@ class ModelConfig:
     simplicial_head_dim: int | None = None  # None -> head_dim
     w1: int = 512                           # window of (k1, v1): i - w1 < j <= i
     w2: int = 32                            # window of (k2, v2): i - w2 < k <= i
-    form: str = "trilinear"                 # "trilinear" or "determinant"
+    form: str = "trilinear"                 # a name in FORMS (ops/forms.py): "trilinear", "determinant"
     kv_offsets: bool = False                # Meta's constants added to K2 / V2
-    simplicial_rotary: bool | None = None   # None -> on for "determinant", off for "trilinear"
+    simplicial_rotary: bool | None = None   # None -> the form's default: on for rotation-invariant forms
     # --- mixture of experts ----------------------------------------------------
     n_experts: int = 0                      # 0: dense SwiGLU MLP in every layer
     moe_top_k: int = 2
@@ -96,14 +96,15 @@ class ModelConfig:
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         _bool("kv_offsets", self.kv_offsets)
+        form = REGISTRY[self.form]
         if self.simplicial_rotary is None:
-            self.simplicial_rotary = self.form == "determinant"
+            self.simplicial_rotary = form.rotary
         _bool("simplicial_rotary", self.simplicial_rotary)
-        if self.simplicial_rotary and self.form != "determinant":
-            raise ValueError("simplicial_rotary=True needs form='determinant': rotations leave determinants "
-                             "unchanged, not the trilinear form, so only there do logits become relative")
-        if self.form == "determinant" and self.simplicial_head_dim < 3:
-            raise ValueError(f"form='determinant' needs simplicial_head_dim >= 3 (one 3-chunk), "
+        if self.simplicial_rotary and not form.rotary:
+            raise ValueError(f"simplicial_rotary=True needs a rotation-invariant form {ROTARY_FORMS}, got "
+                             f"form={self.form!r}: only there do rotations make the logits relative")
+        if self.simplicial_head_dim < form.min_head_dim:
+            raise ValueError(f"form={self.form!r} needs simplicial_head_dim >= {form.min_head_dim}, "
                              f"got {self.simplicial_head_dim}")
 
         _int("n_experts", self.n_experts, 0)

@@ -10,14 +10,15 @@ small dense problem per head:
 
 computed as ``(q * k1) @ k2^T`` (the virtual-query trick of docs/math.md, Virtual rows;
 one row per ``j``) in float32 (float64 for float64 inputs). ``L1 * L2 <= w1 * w2`` logits per head.
-The determinant form goes through the same Sarrus transform as the full op.
+Every form goes through the same transform to trilinear inputs as the full op
+(:mod:`~twosimplicial.ops.forms`).
 """
 from __future__ import annotations
 
 import torch
 
 from .chunked import _compute_dtype
-from .determinant import determinant_to_trilinear
+from .forms import REGISTRY
 from .interface import check_inputs, check_options
 
 
@@ -30,7 +31,7 @@ def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="tril
             (k1, v1) window of that query, i.e. the last ``min(w1, i + 1)``.
         k2, v2: ``[B, L2, Hkv, D]`` / ``[B, L2, Hkv, Dv]``: the last ``min(w2, i + 1)``.
         scale: default ``1/sqrt(D)``.
-        form: ``"trilinear"`` or ``"determinant"``.
+        form: a name in :data:`~twosimplicial.ops.forms.FORMS`, as for the full op.
         return_lse: also return the float32 log-sum-exp.
 
     Bad inputs raise the op's errors (:func:`~twosimplicial.ops.interface.check_inputs`).
@@ -42,8 +43,7 @@ def decode_two_simplicial_attention(q, k1, v1, k2, v2, *, scale=None, form="tril
     B, _, Hq, D = q.shape
     Hkv = k1.shape[2]
     scale = check_options(scale, form, return_lse, D)
-    if form == "determinant":
-        q, k1, k2 = determinant_to_trilinear(q, k1, k2)
+    q, k1, k2 = REGISTRY[form].to_trilinear(q, k1, k2)
 
     dt = _compute_dtype(q.dtype)
     G = Hq // Hkv

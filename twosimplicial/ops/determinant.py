@@ -13,7 +13,8 @@ with ``rot1(x)_m = x_{m+1}`` and ``rot2(x)_m = x_{m+2}`` (indices mod 3), so
 where ``_c`` are the first ``3 * floor(D/3)`` dims and ``_rest`` the ``D mod 3`` leftover
 dims, which contribute their plain trilinear term. Every backend then runs the
 trilinear form on head dim ``6 * floor(D/3) + D mod 3``; autograd carries the gradients
-back through these index maps.
+back through these index maps. The forms' registry (:mod:`~twosimplicial.ops.forms`) names
+:func:`determinant_to_trilinear` as the determinant form's transform.
 """
 from __future__ import annotations
 

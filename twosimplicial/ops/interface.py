@@ -1,4 +1,4 @@
-"""The public op: argument checks, the determinant transform, backend dispatch.
+"""The public op: argument checks, the form's transform to trilinear inputs, backend dispatch.
 
 Shapes and dtypes are checked once here; the backends (``chunked`` in PyTorch,
 ``triton_op`` on NVIDIA GPUs) receive validated trilinear inputs.
@@ -13,9 +13,8 @@ import torch
 
 from .._validate import check_bool, check_choice, check_int, check_real, check_tensor
 from .chunked import chunked_two_simplicial_attention
-from .determinant import determinant_to_trilinear
+from .forms import FORMS, REGISTRY
 
-FORMS = ("trilinear", "determinant")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -117,8 +116,9 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         w1, w2: window lengths (integers >= 1, each including the query's own position;
             longer than S is fine), or ``None`` for no limit (the same as a window of S).
         scale: logit scale, default ``1/sqrt(D)``.
-        form: ``"trilinear"`` or ``"determinant"`` (sum of 3x3 determinants over
-            ``D // 3`` chunks plus the trilinear term of the ``D % 3`` leftover dims).
+        form: a name in :data:`~twosimplicial.ops.forms.FORMS`, the registry of forms:
+            ``"trilinear"`` or e.g. ``"determinant"`` (sum of 3x3 determinants over ``D // 3``
+            chunks plus the trilinear term of the ``D % 3`` leftover dims).
         return_lse: also return the float32 log-sum-exp ``[B, Hq, S]`` (natural log). It
             carries no gradient (``lse.requires_grad`` is False on every backend): gradients
             flow through ``out`` only.
@@ -140,8 +140,7 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         out = q.new_zeros(B, S, Hq, v1.shape[3]) + anchor
         lse = torch.zeros(B, Hq, S, dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    if form == "determinant":
-        q, k1, k2 = determinant_to_trilinear(q, k1, k2)
+    q, k1, k2 = REGISTRY[form].to_trilinear(q, k1, k2)
     if chosen == "triton":
         out, lse = _TRITON_OP.triton_two_simplicial(q, k1, v1, k2, v2, w1, w2, scale)
     else:
