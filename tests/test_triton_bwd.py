@@ -175,6 +175,17 @@ def test_grads_gpu(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 2])
+@pytest.mark.parametrize("windows", [(1, 1), (1, 40), (2, 2)], ids=lambda w: "x".join(map(str, w)))
+def test_grads_gpu_big_window_of_one(S, windows):
+    """A clamped big window of 1 (S = 1, or w1 = w2 = 1): Triton passes an integer argument equal
+    to 1 as a constant, which the interpreter does not, so only a GPU sees this specialisation."""
+    gen = torch.Generator().manual_seed(11)
+    got, ref, _ = _run(2, S, 4, 2, 64, 64, *windows, torch.float32, gen, _chunked, device="cuda")
+    _assert_within(got, ref, GPU_TOL[torch.float32])
+
+
+@pytest.mark.gpu
 def test_x30_gpu():
     """fp32: finite and close. Logits here are ~1e4, so fp32 rounding alone moves each P by
     ~1e-3 relative: measured on the H100, dv 2.1e-3 and dq/dk 2.3e-2..2.6e-2 of the floor (the

@@ -120,8 +120,9 @@ def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
 
 @triton.jit
 def _in_window(i, j, WB):
-    """Key j in the big window of query position i: 0 <= i - j < wb, as one unsigned compare."""
-    return (i - j).to(tl.uint32) < WB.to(tl.uint32)
+    """Key j in the big window of query position i: 0 <= i - j < wb, as one unsigned compare.
+    ``tl.cast``, not ``WB.to``: Triton passes an integer argument equal to 1 as a constant."""
+    return (i - j).to(tl.uint32) < tl.cast(WB, tl.uint32)
 
 
 @triton.jit
