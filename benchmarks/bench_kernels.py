@@ -96,7 +96,7 @@ def run_case(name, spec, impls, gen, rounds):
     """Rows of one case. The timed impls (this library, cuDNN and flash SDPA) are measured in
     ``rounds`` interleaved rounds (ours, cuDNN, flash, ours, cuDNN, ...), each a do_bench median,
     and a row reports the median over its rounds: the GPU's clock drifts over a run (up to ~8%
-    for the same kernel, benchmarks/NOTES.md), and interleaving puts that drift on all impls
+    for the same kernel, docs/kernels.md, Measured), and interleaving puts that drift on all impls
     alike instead of on whichever was timed last."""
     B, S, Hq, Hkv, D, w1, w2, form, with_bwd = spec
     rows = []
