@@ -29,8 +29,9 @@ Tiling. One program owns a tile of ``BLOCK_M = P * G * T`` virtual rows:
 ``P`` consecutive query positions x ``G`` query heads of one kv group x ``T`` offsets,
 row ``r = ((p * G) + g) * T + t``. Every row of the tile reads the same ``k_b, v_b`` rows
 (the big window of positions ``i0 .. i0+P-1``), so a key block loaded once feeds all
-``BLOCK_M`` rows and almost nothing is masked: GQA-64 packs e.g. 4 heads x 32 offsets
-(P = 1), plain MHA 4 positions x 32 offsets. When ``ws > T`` the program walks the offsets
+``BLOCK_M`` rows and almost nothing is masked: with the default 64 rows and ws = 32, GQA-64
+packs 2 heads x 32 offsets (P = 1), plain MHA 2 positions x 32 offsets (docs/kernels.md has a
+figure of the tile). When ``ws > T`` the program walks the offsets
 in chunks of ``T`` and folds each chunk into the running ``(M, L, out)`` of (2); nothing is
 written to memory but ``out`` and ``lse`` (no split buffers, no atomics: deterministic).
 
