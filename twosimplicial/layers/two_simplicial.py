@@ -10,8 +10,8 @@ from torch import nn
 
 from .._validate import check_bool, check_choice, check_int, check_layer_call, check_real
 from ..ops import two_simplicial_attention
-from ..ops.forms import REGISTRY, ROTARY_FORMS
-from ..ops.interface import BACKENDS, FORMS
+from ..ops.forms import FORMS, REGISTRY, ROTARY_FORMS
+from ..ops.interface import BACKENDS
 from ..ops.decode import decode_two_simplicial_attention
 from .cache import WindowCache
 from .rotary import Rotary3D
@@ -28,7 +28,7 @@ class TwoSimplicialAttention(nn.Module):
         head_dim: per-head width of q, k1, k2, v1, v2 (default ``dim // heads``).
         w1, w2: window lengths for (k1, v1) and (k2, v2), or ``None`` for no limit (the
             whole causal past; a cache then keeps every past position).
-        form: a name in :data:`~twosimplicial.ops.forms.FORMS` (``"trilinear"``,
+        form: a name in :data:`~twosimplicial.ops.forms.FORMS` (``"trilinear"``, e.g.
             ``"determinant"``); ``head_dim`` must reach the form's minimum (3 for the determinant).
         kv_offsets: add constants to K2 and V2 as Meta's kernels do (``q.(k1*(k2+c))``
             folds a plain dot-product term into the trilinear one). ``True`` uses

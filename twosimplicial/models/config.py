@@ -38,7 +38,7 @@ class ModelConfig:
     simplicial_head_dim: int | None = None  # None -> head_dim
     w1: int = 512                           # window of (k1, v1): i - w1 < j <= i
     w2: int = 32                            # window of (k2, v2): i - w2 < k <= i
-    form: str = "trilinear"                 # a name in FORMS (ops/forms.py): "trilinear", "determinant"
+    form: str = "trilinear"                 # a name in FORMS (ops/forms.py), e.g. "determinant"
     kv_offsets: bool = False                # Meta's constants added to K2 / V2
     simplicial_rotary: bool | None = None   # None -> the form's default: on for rotation-invariant forms
     # --- mixture of experts ----------------------------------------------------
