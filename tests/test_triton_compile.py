@@ -1,4 +1,4 @@
-"""The backward kernels compile for Hopper (sm_90) at the shapes where Triton turns integer
+"""The forward and backward kernels compile for Hopper (sm_90) at the shapes where Triton turns integer
 arguments equal to 1 into constants, which the interpreter never does: a CPU check of what only
 a GPU would otherwise catch (it compiles with the installed triton; nothing is launched).
 
@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = r'''
-import sys, torch
+STAND_IN = r'''
+import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
@@ -25,6 +25,25 @@ class StandIn:
     def get_active_torch_device(self): return torch.device("cpu")
 
 driver.set_active(StandIn())
+S, w1, w2, HQ, HKV = map(int, sys.argv[1:])
+q = torch.randn(2, S, HQ, 64, dtype=torch.bfloat16)
+k1, v1, k2, v2 = (torch.randn(2, S, HKV, 64, dtype=torch.bfloat16) for _ in range(4))
+'''
+
+FORWARD = STAND_IN + r'''
+import twosimplicial.ops.triton_fwd as tf
+config = tf.fwd_config
+tf.fwd_config = lambda gkv, ws, D, Dv, interpret, **k: config(gkv, ws, D, Dv, False, **k)
+kernel = triton.jit(tf._two_simplicial_fwd_kernel)
+
+class Compile:
+    def __getitem__(self, grid): return lambda *a, **k: kernel.warmup(*a, grid=grid, **k)
+
+tf._kernel = lambda interpret: Compile()
+tf.two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, 0.125, False)
+'''
+
+BACKWARD = STAND_IN + r'''
 import twosimplicial.ops.triton_bwd as tb
 
 config = tb._config
@@ -35,15 +54,15 @@ class Compile:
     def __getitem__(self, grid): return lambda *a, **k: self.fn.warmup(*a, grid=grid, **k)
 
 tb._kernel = lambda fn, device: Compile(fn)
-S, w1, w2 = map(int, sys.argv[1:])
-q, k1, v1, k2, v2 = (torch.randn(2, S, 4 if i == 0 else 2, 64, dtype=torch.bfloat16) for i in range(5))
-out = torch.randn(2, S, 4, 64, dtype=torch.bfloat16)
-tb.two_simplicial_bwd(torch.randn_like(out), q, k1, v1, k2, v2, out, torch.zeros(2, 4, S), w1, w2, 0.125, False)
+out = torch.randn(2, S, HQ, 64, dtype=torch.bfloat16)
+tb.two_simplicial_bwd(torch.randn_like(out), q, k1, v1, k2, v2, out, torch.zeros(2, HQ, S), w1, w2, 0.125, False)
 '''
 
 
-@pytest.mark.parametrize("S, w1, w2", [(1, 1, 1)])
-def test_backward_compiles_for_sm90_with_a_big_window_of_one(S, w1, w2):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(S), str(w1), str(w2)], capture_output=True, text=True,
-                       timeout=600, cwd=Path(__file__).resolve().parents[1])
+@pytest.mark.parametrize("kernels", ["forward", "backward"])
+@pytest.mark.parametrize("S, w1, w2, HQ, HKV", [(1, 1, 1, 4, 2)])
+def test_kernels_compile_for_sm90_with_a_big_window_of_one(kernels, S, w1, w2, HQ, HKV):
+    script = {"forward": FORWARD, "backward": BACKWARD}[kernels]
+    r = subprocess.run([sys.executable, "-c", script, *map(str, (S, w1, w2, HQ, HKV))], capture_output=True,
+                       text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
