@@ -6,9 +6,8 @@ in chunks, and the backward recomputes each chunk's probabilities from the saved
 log-sum-exp instead of storing them.
 
 Per query ``i`` the valid keys are a window of ``ws`` positions ``l = i - t`` of one key
-set (the *small* window) and ``wb`` positions ``j`` of the other (the *big* window); the
-op is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``, so whichever
-window is larger takes the big role. With the virtual query ``z[i, t] = q_i * k_s[i - t]``
+set (the *small* window) and ``wb >= ws`` positions ``j`` of the other (the *big* window):
+the canonical problem of ``ops/plan.py``, which decides the roles. With the virtual query ``z[i, t] = q_i * k_s[i - t]``
 (docs/math.md, Virtual rows) the logits are an ordinary matrix product
 
     logit[i, t, j] = scale * <z[i, t], k_b[j]>,      i - wb < j <= i
@@ -24,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .plan import Plan, make_plan
 
 # Elements of one chunk's [B, Hq, C, ws, C + wb - 1] logit tensor. The backward holds
 # about four tensors of this size at once, so the default peak is a few hundred MB.
@@ -105,26 +106,25 @@ def _invalid(C: int, ws: int, wb: int, c0: int, device) -> torch.Tensor:
     return bad
 
 
-def _prepare(q, k1, v1, k2, v2, w1, w2):
+def _prepare(q, ks, vs, kb, vb, ws, wb):
     B, S, Hq, D = q.shape
-    Hkv = k1.shape[2]
+    Hkv = ks.shape[2]
     dt = _compute_dtype(q.dtype)
-    w1, w2 = min(w1, S), min(w2, S)
-    small_is_k2 = w1 >= w2                   # the larger window takes the big (matmul) role
-    ks, vs, ws, kb, vb, wb = (k2, v2, w2, k1, v1, w1) if small_is_k2 else (k1, v1, w1, k2, v2, w2)
     qh = _heads_first(q, dt).view(B, Hkv, Hq // Hkv, S, D).transpose(2, 3)   # [B, Hkv, S, G, D]
     ksp, vsp = _padded(_heads_first(ks, dt), ws), _padded(_heads_first(vs, dt), ws)
     kb, vb = _heads_first(kb, dt), _heads_first(vb, dt)
     chunk = _chunk_size(S, B * Hq, ws, wb)
-    return qh, ksp, vsp, kb, vb, ws, wb, small_is_k2, chunk
+    return qh, ksp, vsp, kb, vb, chunk
 
 
-def chunked_forward(q, k1, v1, k2, v2, w1, w2, scale):
-    """``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S])``; lse stays in the compute dtype
-    (float64 for float64 inputs) so that the backward recomputes P exactly."""
+def chunked_forward(q, ks, vs, kb, vb, ws, wb, scale):
+    """``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S])`` of the canonical problem (``(ks, vs)``
+    over the small window ``ws``, ``(kb, vb)`` over the big window ``wb >= ws``, both ``<= S``);
+    lse stays in the compute dtype (float64 for float64 inputs) so that the backward recomputes
+    P exactly."""
     B, S, Hq, _ = q.shape
-    Hkv, Dv = v1.shape[2], v1.shape[3]
-    qh, ksp, vsp, kb, vb, ws, wb, _, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
+    Hkv, Dv = vs.shape[2], vs.shape[3]
+    qh, ksp, vsp, kb, vb, chunk = _prepare(q, ks, vs, kb, vb, ws, wb)
     G = Hq // Hkv
     out = torch.empty(B, Hkv, S, G, Dv, dtype=qh.dtype, device=q.device)
     lse = torch.empty(B, Hkv, S, G, dtype=qh.dtype, device=q.device)
@@ -143,11 +143,12 @@ def chunked_forward(q, k1, v1, k2, v2, w1, w2, scale):
     return out, lse.transpose(2, 3).reshape(B, Hq, S)
 
 
-def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
-    """Gradients ``(dq, dk1, dv1, dk2, dv2)`` (docs/math.md, Gradients), recomputing P chunk by chunk."""
+def chunked_backward(do, q, ks, vs, kb, vb, out, lse, ws, wb, scale):
+    """Gradients ``(dq, dks, dvs, dkb, dvb)`` of the canonical problem (docs/math.md,
+    Gradients), recomputing P chunk by chunk."""
     B, S, Hq, D = q.shape
-    Hkv, Dv = v1.shape[2], v1.shape[3]
-    qh, ksp, vsp, kb, vb, ws, wb, small_is_k2, chunk = _prepare(q, k1, v1, k2, v2, w1, w2)
+    Hkv, Dv = vs.shape[2], vs.shape[3]
+    qh, ksp, vsp, kb, vb, chunk = _prepare(q, ks, vs, kb, vb, ws, wb)
     dt, G = qh.dtype, Hq // Hkv
     doh = _heads_first(do, dt).view(B, Hkv, G, S, Dv).transpose(2, 3)         # [B, Hkv, S, G, Dv]
     oh = _heads_first(out, dt).view(B, Hkv, G, S, Dv).transpose(2, 3)
@@ -185,19 +186,16 @@ def chunked_backward(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale):
         return xp[:, :, w - 1 :].transpose(1, 2).to(like.dtype)
 
     dq = dq.transpose(2, 3).reshape(B, Hq, S, D).transpose(1, 2).to(q.dtype)
-    dks, dvs = unpad(dksp, ws, k1), unpad(dvsp, ws, v1)
-    dkb, dvb = dkb.transpose(1, 2).to(k1.dtype), dvb.transpose(1, 2).to(v1.dtype)
-    if small_is_k2:
-        return dq, dkb, dvb, dks, dvs
-    return dq, dks, dvs, dkb, dvb
+    dks, dvs = unpad(dksp, ws, ks), unpad(dvsp, ws, vs)
+    return dq, dks, dvs, dkb.transpose(1, 2).to(kb.dtype), dvb.transpose(1, 2).to(vb.dtype)
 
 
 class ChunkedTwoSimplicial(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k1, v1, k2, v2, w1, w2, scale):
-        out, lse = chunked_forward(q, k1, v1, k2, v2, w1, w2, scale)
-        ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
-        ctx.args = (w1, w2, scale)
+    def forward(ctx, q, ks, vs, kb, vb, ws, wb, scale):
+        out, lse = chunked_forward(q, ks, vs, kb, vb, ws, wb, scale)
+        ctx.save_for_backward(q, ks, vs, kb, vb, out, lse)
+        ctx.args = (ws, wb, scale)
         lse32 = lse.float()
         ctx.mark_non_differentiable(lse32)
         return out, lse32
@@ -205,11 +203,18 @@ class ChunkedTwoSimplicial(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, _dlse):
-        q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
-        grads = chunked_backward(do, q, k1, v1, k2, v2, out, lse, *ctx.args)
+        q, ks, vs, kb, vb, out, lse = ctx.saved_tensors
+        grads = chunked_backward(do, q, ks, vs, kb, vb, out, lse, *ctx.args)
         return (*grads, None, None, None)
 
 
+def chunked_attention(plan: Plan, q, ks, vs, kb, vb, scale):
+    """Differentiable ``(out, lse)`` for validated trilinear inputs in the roles of ``plan``
+    (``plan.split``); autograd takes the role gradients back to ``k1, v1, k2, v2``."""
+    return ChunkedTwoSimplicial.apply(q, ks, vs, kb, vb, plan.ws, plan.wb, scale)
+
+
 def chunked_two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, scale):
-    """Differentiable ``(out, lse)`` for validated trilinear inputs (see ``interface``)."""
-    return ChunkedTwoSimplicial.apply(q, k1, v1, k2, v2, w1, w2, scale)
+    """Differentiable ``(out, lse)`` for validated trilinear inputs and windows ``w1``, ``w2``."""
+    plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32=False)
+    return chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)

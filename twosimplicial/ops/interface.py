@@ -1,7 +1,9 @@
 """The public op: argument checks, the form's transform to trilinear inputs, backend dispatch.
 
-Shapes and dtypes are checked once here; the backends (``chunked`` in PyTorch,
-``triton_op`` on NVIDIA GPUs) receive validated trilinear inputs.
+Shapes and dtypes are checked once here, and the problem's decisions (window roles, GQA
+ratio, precision, empty input) are made once, in a :class:`~twosimplicial.ops.plan.Plan`;
+the backends (``chunked`` in PyTorch, ``triton_op`` on NVIDIA GPUs) receive validated
+trilinear inputs and that plan.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import math
 import torch
 
 from .._validate import check_bool, check_choice, check_int, check_real, check_tensor
-from .chunked import chunked_two_simplicial_attention
+from .chunked import chunked_attention
 from .forms import FORMS, REGISTRY
+from .plan import make_plan
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -94,12 +97,11 @@ def _pick_backend(backend, q):
 
 def check_window(name: str, w, S):
     """A window length: an integer >= 1, or ``None`` for no limit (the whole causal past, a
-    window of ``S``). Returned clamped to ``S`` (at least 1), so the backends see windows that
-    fit their integer types: a window of 2**64 means what a window of ``S`` does."""
+    window of ``S``). Any length past ``S`` is valid: the plan (``make_plan``) clamps it to
+    ``S``, so a window of 2**64 means what a window of ``S`` does."""
     if w is None:
         return S
-    w = check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
-    return max(1, min(w, S))            # a window past the sequence is the whole past (and fits an int64)
+    return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
 
 
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
@@ -134,15 +136,15 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     scale = check_options(scale, form, return_lse, q.shape[-1])
     check_choice("backend", backend, BACKENDS)
     chosen = _pick_backend(backend, q)
-    B, S, Hq, _ = q.shape
-    if B * S * Hq == 0:                                   # empty batch or sequence: nothing to attend
-        anchor = sum(t.sum() for t in (q, k1, v1, k2, v2)) * 0    # keeps out in the autograd graph
-        out = q.new_zeros(B, S, Hq, v1.shape[3]) + anchor
-        lse = torch.zeros(B, Hq, S, dtype=torch.float32, device=q.device)
-        return (out, lse) if return_lse else out
     q, k1, k2 = REGISTRY[form].to_trilinear(q, k1, k2)
+    plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, torch.backends.cuda.matmul.allow_tf32)
+    if plan.empty:                                        # empty batch or sequence: nothing to attend
+        anchor = sum(t.sum() for t in (q, k1, v1, k2, v2)) * 0    # keeps out in the autograd graph
+        out = q.new_zeros(plan.B, plan.S, plan.Hq, plan.Dv) + anchor
+        lse = torch.zeros(plan.B, plan.Hq, plan.S, dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
     if chosen == "triton":
-        out, lse = _TRITON_OP.triton_two_simplicial(q, k1, v1, k2, v2, w1, w2, scale)
+        out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale)
     else:
-        out, lse = chunked_two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, scale)
+        out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
     return (out, lse) if return_lse else out

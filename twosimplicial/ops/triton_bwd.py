@@ -1,7 +1,6 @@
-"""Triton backward of 2-simplicial attention (trilinear form): docs/math.md, Gradients and
-Virtual rows.
+"""Triton backward of 2-simplicial attention (trilinear form): docs/math.md, Gradients and Virtual rows.
 
-Virtual rows. Name the smaller window ``s`` (size ``ws``) and the larger ``b``
+Virtual rows. The plan (``ops/plan.py``) names the smaller window ``s`` (size ``ws``) and the larger ``b``
 (size ``wb``); the op is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``.
 For query ``i`` (head ``h``) and small-window offset ``t`` in ``[0, ws)``, ``l = i - t``:
 
@@ -72,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .plan import Plan, make_plan
 from .triton_fwd import _SUM, _pow2, z_scaling
 
 
@@ -538,18 +538,19 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     ``[B, S, Hkv, Dv]``; lse ``[B, Hq, S]`` float32 (natural log) from the forward.
     Gradients come back in the inputs' dtypes and shapes. ``config`` overrides keys of
     :func:`_config` (tile sizes, stages) and ``concurrent`` (run the two kernels on two streams,
-    see ``_launch``): for benchmarks and tests."""
-    B, S, HQ, D = q.shape
-    HKV, DV = k1.shape[2], v1.shape[3]
-    G = HQ // HKV
-    if B * S * HQ == 0:
-        return tuple(torch.zeros_like(x) for x in (q, k1, v1, k2, v2))
-    # the smaller window plays the small role (virtual rows; the op is symmetric), k2 on a
-    # tie: the same rule as triton_fwd, so P is recomputed from the same rounded z = q * k_s
-    w1e, w2e = min(int(w1), S), min(int(w2), S)
-    swap = w1e >= w2e
-    ks, vs, kb, vb = (k2, v2, k1, v1) if swap else (k1, v1, k2, v2)
-    ws, wb = (w2e, w1e) if swap else (w1e, w2e)
+    see ``_launch``): for benchmarks and tests. The window roles come from
+    :func:`~twosimplicial.ops.plan.make_plan`, as in the forward."""
+    plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
+    dq, dks, dvs, dkb, dvb = canonical_bwd(plan, do, q, *plan.split(k1, v1, k2, v2), out, lse, scale, config)
+    return (dq, *plan.merge(dks, dvs, dkb, dvb))
+
+
+def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=None):
+    """:func:`two_simplicial_bwd` on the canonical problem (``(ks, vs)`` over the small window
+    ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``): ``(dq, dks, dvs, dkb, dvb)``."""
+    B, S, HQ, D, DV, G, ws, wb = plan.B, plan.S, plan.Hq, plan.D, plan.Dv, plan.G, plan.ws, plan.wb
+    if plan.empty:
+        return tuple(torch.zeros_like(x) for x in (q, ks, vs, kb, vb))
     q, ks, vs, kb, vb, do, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, ks, vs, kb, vb, do, out))
     lse = lse.float().contiguous()
     # Delta_i = <dO_i, O_i>, [B, Hq, S] fp32
@@ -558,17 +559,13 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     _kernel(_delta, q.device)[(triton.cdiv(S, bs), B * HQ)](
         do, out, delta, *_strides(do), *_strides(out), S, HQ, DV=DV, DV_PAD=max(16, _pow2(DV)), BS=bs,
         num_warps=4)
-    if q.dtype == torch.float32:
-        precision = "tf32" if allow_tf32 else "ieee"
-    else:
-        precision = "tf32"                 # ignored by tl.dot for 16-bit inputs
-    key = (q.dtype, D, DV, precision)
+    key = (q.dtype, D, DV, plan.precision)
     while True:
         cfg = _config(q.device, ws, G, D, DV, q.element_size(), _SHRINK.get(key, 0))
         cfg.update(config or {})
         try:
             dq, dkb, dvb, dks_part, dvs_part, NB = _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb,
-                                                          scale, precision, cfg)
+                                                          scale, plan.precision, cfg)
             break
         except triton.runtime.errors.OutOfResources:
             # shared memory: halve the tiles (fp32 IEEE products and wide heads need it)
@@ -578,10 +575,7 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
 
     dks = _gather_slices(dks_part, NB, ws, S)[..., :D].to(ks.dtype)
     dvs = _gather_slices(dvs_part, NB, ws, S)[..., :DV].to(vs.dtype)
-    dkb, dvb = dkb.view_as(kb), dvb.view_as(vb)
-    if swap:
-        return dq, dkb, dvb, dks, dvs
-    return dq, dks, dvs, dkb, dvb
+    return dq, dks, dvs, dkb.view_as(kb), dvb.view_as(vb)
 
 
 def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):

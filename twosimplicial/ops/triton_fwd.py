@@ -1,14 +1,12 @@
-"""Triton forward kernel for 2-simplicial (trilinear) attention: virtual rows (docs/math.md,
-Virtual rows).
+"""Triton forward kernel for 2-simplicial (trilinear) attention: virtual rows (docs/math.md, Virtual rows).
 
-Notation (docs/math.md, The operation). Per batch ``b`` and query head ``h`` (kv head
-``hk = h // G_kv``)::
+Notation (docs/math.md, The operation). Per batch ``b`` and query head ``h`` (kv head ``hk = h // G_kv``)::
 
     logit[i, j, k] = scale * sum_d q[i,d] k1[j,d] k2[k,d],   i - w1 < j <= i,  i - w2 < k <= i
     out[i]         = sum_{j,k} softmax_{(j,k)}(logit[i])[j,k] * (v1[j] * v2[k])
 
-The operation is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``, so we
-name the *small* window ``s`` (size ``ws``) and the *big* one ``b`` (size ``wb >= ws``).
+The operation is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``; the plan
+(``ops/plan.py``) names the *small* window ``s`` (size ``ws``) and the *big* one ``b`` (size ``wb >= ws``).
 For a query ``i`` and an offset ``t in [0, ws)`` with ``l = i - t`` the *virtual query*
 
     z[i,t] = q_i * k_s[l]                                                        (1)
@@ -63,6 +61,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .plan import Plan, make_plan
 
 LOG2E = 1.4426950408889634
 
@@ -382,34 +382,28 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     a non-unit last stride is made contiguous). Returns ``(out [B, S, Hq, Dv] in q.dtype,
     lse [B, Hq, S] float32)``. fp32 inputs use tf32 tensor cores only when ``allow_tf32``.
     ``config`` (keys of :func:`fwd_config`: block_m, block_n, num_warps, num_stages)
-    overrides the default launch configuration, for tuning.
+    overrides the default launch configuration, for tuning. The window roles come from
+    :func:`~twosimplicial.ops.plan.make_plan`, as in the backward.
     """
-    B, S, Hq, D = q.shape
-    Hkv = k1.shape[2]
-    Dv = v1.shape[3]
-    # symmetric under (k1, v1, w1) <-> (k2, v2, w2): the smaller window (after clamping to S,
-    # k2 on a tie) takes the "s" role; triton_bwd and chunked use the same rule, so the
-    # backward rounds the same virtual query z = q * k_s as the forward
-    w1, w2 = min(int(w1), S), min(int(w2), S)     # windows past the sequence change nothing
-    if w1 >= w2:
-        kb, vb, wb, ks, vs, ws = k1, v1, w1, k2, v2, w2
-    else:
-        kb, vb, wb, ks, vs, ws = k2, v2, w2, k1, v1, w1
+    plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
+    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config)
+
+
+def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None):
+    """:func:`two_simplicial_fwd` on the canonical problem: ``(ks, vs)`` over the small window
+    ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``."""
+    B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
     q, kb, vb, ks, vs = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kb, vb, ks, vs))
     out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    if B * S * Hq == 0:
+    if plan.empty:
         return out, lse
-    gkv = Hq // Hkv
+    gkv = plan.G
     interpret = q.device.type != "cuda"
     cfg = fwd_config(gkv, ws, D, Dv, interpret, **(config or {}))
     P, G = cfg["P"], cfg["G"]
     n_hblk = triton.cdiv(gkv, G)
     grid = (triton.cdiv(S, P) * n_hblk, B * Hkv)
-    if q.dtype == torch.float32:
-        prec = "tf32" if allow_tf32 else "ieee"
-    else:
-        prec = "tf32"                              # ignored for 16-bit operands
     block_n2 = min(cfg["BLOCK_N"], max(16, _pow2(P - 1)))
     # (the narrow pair is built even when unused: the kernel body that reads it is compiled anyway)
     descs = [_kv_desc(t, n) for n in (cfg["BLOCK_N"], block_n2) for t in (kb, vb)] if cfg["tma"] else [None]
@@ -427,7 +421,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
         S, Hkv, gkv, n_hblk, ws, wb, qk_scale,
         D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_N2=block_n2,
-        P=P, G=G, T=cfg["T"], DOT_PREC=prec, ONE_CHUNK=ws <= cfg["T"], PREFETCH_VS=cfg["prefetch_vs"],
+        P=P, G=G, T=cfg["T"], DOT_PREC=plan.precision, ONE_CHUNK=ws <= cfg["T"], PREFETCH_VS=cfg["prefetch_vs"],
         INT64_IDX=cfg["int64_idx"] or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
         USE_TMA=use_tma, EDGE_DOT=cfg["edge_dot"], NEG_Z=neg_z, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

@@ -10,7 +10,13 @@ configuration by timing.
 Precision: float16 / bfloat16 inputs use tensor cores with fp32 accumulation. float32
 inputs use tf32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True
 at call time (torch's default is False: full fp32 products, slower); the flag is read
-in the Python wrapper and passed to the op, so compiled graphs see it as a constant.
+when the plan is made (``interface``) and passed to the op, so compiled graphs see it as a
+constant.
+
+The plan (``ops/plan.py``) cannot cross the custom-op boundary: the ops take the inputs in
+their ``(k1, v1, k2, v2)`` roles with the plan's clamped windows and tf32 flag, and the
+kernels' host code (``two_simplicial_fwd``, ``two_simplicial_bwd``) rebuilds the same plan
+from them with the same function, ``make_plan``, to split the inputs and merge the gradients.
 
 ``lse`` is returned for callers that need it (decoding, tests) but is not differentiable:
 gradients flow through ``out`` only.
@@ -24,6 +30,7 @@ import os
 
 import torch
 
+from .plan import Plan, make_plan
 from .triton_bwd import two_simplicial_bwd
 from .triton_fwd import two_simplicial_fwd
 
@@ -79,14 +86,19 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def triton_two_simplicial(q, k1, v1, k2, v2, w1: int, w2: int, scale: float):
-    """Differentiable trilinear 2-simplicial attention on the Triton kernels.
+def triton_attention(plan: Plan, q, k1, v1, k2, v2, scale: float):
+    """Differentiable trilinear 2-simplicial attention on the Triton kernels, for ``plan``.
 
     Inputs are already validated by ``twosimplicial.ops.interface`` (same dtype among
     float16/bfloat16/float32, same device, ``[B, S, H, D]`` layout, ``Hq % Hkv == 0``).
     Returns ``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S] float32)``.
     """
-    return _fwd(q, k1, v1, k2, v2, int(w1), int(w2), float(scale), _allow_tf32())
+    return _fwd(q, k1, v1, k2, v2, plan.w1, plan.w2, float(scale), plan.allow_tf32)
+
+
+def triton_two_simplicial(q, k1, v1, k2, v2, w1: int, w2: int, scale: float):
+    """:func:`triton_attention` for windows ``w1``, ``w2`` and torch's tf32 flag at call time."""
+    return triton_attention(make_plan(q.shape, v1.shape, w1, w2, q.dtype, _allow_tf32()), q, k1, v1, k2, v2, scale)
 
 
 def is_available(t: torch.Tensor) -> bool:
