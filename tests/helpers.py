@@ -12,12 +12,12 @@ def make_inputs(B, S, Hq, Hkv, D, Dv, dtype=torch.float64, device="cpu", require
     return r(B, S, Hq, D), r(B, S, Hkv, D), r(B, S, Hkv, Dv), r(B, S, Hkv, D), r(B, S, Hkv, Dv)
 
 
-def assert_close(x, ref, tol, name=""):
-    """``||x - ref|| <= tol * max(||ref||, 1e-2 * sqrt(numel))``: relative error, with a floor for
+def assert_close(x, ref, tol, name="", floor=1e-2):
+    """``||x - ref|| <= tol * max(||ref||, floor * sqrt(numel))``: relative error, with a floor for
     references that are (mathematically) zero, such as every gradient but dv at S = 1."""
     assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
     assert torch.isfinite(x).all(), f"{name}: non-finite values"
-    den = max(ref.norm().item(), 1e-2 * ref.numel() ** 0.5)
+    den = max(ref.norm().item(), floor * ref.numel() ** 0.5)
     err = (x - ref).norm().item() / den
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"

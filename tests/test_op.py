@@ -59,9 +59,14 @@ def check_against_reference(p):
     do = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     grads = torch.autograd.grad(out, ins, do.to(p["dtype"]))
     ref_grads = torch.autograd.grad(ref, ref_in, do)
+    # Where a row has one valid triple (S = 1, or windows of 1) dS = P (dP - Delta) is exactly 0,
+    # so dq, dk1, dk2 are 0 up to the cancellation of terms of size ~ scale * D: scale the floor
+    # of the zero reference with them.
+    D = p["D"] * (2 if p["form"] == "determinant" else 1)
+    floor = 1e-2 * max(1.0, (p["scale"] if p["scale"] is not None else D ** -0.5) * D)
     for name, g, rg in zip(NAMES, grads, ref_grads):
         assert g.dtype == p["dtype"]
-        assert_close(g, rg, 10 * tol, f"d{name}")
+        assert_close(g, rg, 10 * tol, f"d{name}", floor=floor)
 
 
 @pytest.mark.parametrize("form", ["trilinear", "determinant"])
