@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,7 @@ def commit(run_dir: Path, step: int, keep: int) -> Path:
     so that ``keep`` complete checkpoints remain (main process only, after every rank wrote)."""
     ckdir = Path(run_dir) / "checkpoints"
     tmp, final = partial_dir(run_dir, step), ckdir / step_name(step)
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    manifest = {"format": 1, "step": step, "files": {name: file_sha256(tmp / name) for name in files}}
-    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    write_manifest(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()), step=step)
     if final.exists():                                # a checkpoint of this step from an abandoned later life
         old = ckdir / f".replaced-{step_name(step)}"
         if old.exists():
@@ -104,18 +103,36 @@ def commit(run_dir: Path, step: int, keep: int) -> Path:
 
 
 # --------------------------------------------------------------------------- reading
-def verify(path: str | os.PathLike, rank: int = 0) -> dict:
-    """Check ``path`` against its manifest; return the manifest. Raises ``CheckpointError``."""
-    path = Path(path)
-    mf = path / MANIFEST
+def write_manifest(directory: str | os.PathLike, files, **fields) -> None:
+    """Write ``directory/manifest.json``: the SHA-256 of each of ``files`` plus ``fields`` (last, atomically)."""
+    directory = Path(directory)
+    manifest = {"format": 1, **fields, "files": {name: file_sha256(directory / name) for name in files}}
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """``directory``'s manifest (``CheckpointError`` when it is missing or unreadable)."""
+    mf = Path(directory) / MANIFEST
     if not mf.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (an incomplete checkpoint)")
+        raise CheckpointError(f"{directory}: no {MANIFEST} (an incomplete checkpoint or save)")
     try:
         manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(manifest.get("files"), dict):
+            raise KeyError("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
-    for name in ("model.safetensors", "state.pt", f"rng-{rank}.pt"):
+    return manifest
+
+
+def verify(path: str | os.PathLike, rank: int = 0, required: tuple[str, ...] | None = None) -> dict:
+    """Check ``path`` against its manifest; return the manifest. Raises ``CheckpointError``.
+
+    ``required``: the files the manifest must list (default: a training checkpoint's weights,
+    state and this rank's RNG state)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    for name in required if required is not None else ("model.safetensors", "state.pt", f"rng-{rank}.pt"):
         if name not in files:
             raise CheckpointError(f"{path}: the manifest lists no {name}")
     for name, digest in files.items():
@@ -125,6 +142,11 @@ def verify(path: str | os.PathLike, rank: int = 0) -> dict:
         if file_sha256(f) != digest:
             raise CheckpointError(f"{f}: SHA-256 does not match the manifest (the file is corrupt)")
     return manifest
+
+
+def warn(message: str) -> None:
+    """How a fallback to an older checkpoint is reported (stderr, one line)."""
+    print(f"twosimplicial: warning: {message}", file=sys.stderr)
 
 
 def resolve(run_dir: str | os.PathLike, rank: int = 0, warn=None) -> Path | None:

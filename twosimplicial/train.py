@@ -52,7 +52,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 import tomllib
@@ -324,13 +323,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     return path
 
 
-def _warn(msg: str) -> None:
-    print(f"twosimplicial: warning: {msg}", file=sys.stderr)
-
-
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint a resume or an evaluation of ``run_dir`` loads (verified), or ``None`` if it has none."""
-    return checkpoint.resolve(run_dir, warn=_warn)
+    return checkpoint.resolve(run_dir, warn=checkpoint.warn)
 
 
 def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[TwoSimplicialLM, dict]:
@@ -472,7 +467,7 @@ def train(cfg: dict, resume: bool = False) -> dict:
     run_dir = Path(cfg["run"]["out_dir"])
     fsdp = d.world_size > 1 and t.distributed == "fsdp"
 
-    warn = _warn if d.main else None
+    warn = checkpoint.warn if d.main else None
     if resume:
         ck = checkpoint.resolve(run_dir, d.rank, warn=warn)
         if ck is None:

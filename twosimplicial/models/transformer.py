@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -194,7 +193,7 @@ class TwoSimplicialLM(nn.Module):
                              "would overwrite its files; choose another directory")
         out.mkdir(parents=True, exist_ok=True)
         try:                                        # the files an earlier save wrote here
-            earlier = _read_manifest(out)["files"] if (out / MANIFEST_FILE).is_file() else {}
+            earlier = checkpoint.read_manifest(out)["files"] if (out / MANIFEST_FILE).is_file() else {}
         except checkpoint.CheckpointError:
             earlier = {}
         (out / MANIFEST_FILE).unlink(missing_ok=True)
@@ -214,9 +213,7 @@ class TwoSimplicialLM(nn.Module):
         for name in earlier:
             if name not in files and Path(name).name == name:
                 (out / name).unlink(missing_ok=True)
-        manifest = {"format": 1, "library": "twosimplicial", "version": __version__,
-                    "files": {name: checkpoint.file_sha256(out / name) for name in files}}
-        checkpoint.write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2))
+        checkpoint.write_manifest(out, files, library="twosimplicial", version=__version__)
         return out
 
     @classmethod
@@ -252,10 +249,10 @@ class TwoSimplicialLM(nn.Module):
             raise ValueError(f"{p} is not a directory: from_pretrained takes {_WHAT_LOADS}")
         if _is_run_dir(p):
             kind, config, config_file = "run", _model_config(p / CONFIG_FILE, run=True), p / CONFIG_FILE
-            weights_dir = checkpoint.resolve(p, warn=_warn)
+            weights_dir = checkpoint.resolve(p, warn=checkpoint.warn)
             if weights_dir is None:
                 raise FileNotFoundError(f"{p} holds no checkpoint yet (nothing in {p / 'checkpoints'})")
-            step = int(_read_manifest(weights_dir)["step"])
+            step = int(checkpoint.read_manifest(weights_dir)["step"])
         elif _is_checkpoint_dir(p):
             kind, config_file = "checkpoint", p.parent.parent / CONFIG_FILE
             if not config_file.is_file():
@@ -264,7 +261,7 @@ class TwoSimplicialLM(nn.Module):
             config, weights_dir = _model_config(config_file, run=True), p
         elif (p / CONFIG_FILE).is_file() or (p / MANIFEST_FILE).is_file():
             kind, config_file, weights_dir, step = "saved", p / CONFIG_FILE, p, None
-            _verify_saved(p)
+            checkpoint.verify(p, required=(WEIGHTS_FILE, CONFIG_FILE))
             config = _model_config(config_file, run=False)
         else:
             raise ValueError(f"{p} is not {_WHAT_LOADS}")
@@ -276,10 +273,6 @@ class TwoSimplicialLM(nn.Module):
             raise ValueError(f"{weights} does not fit the model of {config_file}: {str(e).strip()}") from None
         model.pretrained_source = {"kind": kind, "path": str(weights_dir), "step": step}
         return model.to(device).eval()
-
-
-def _warn(msg: str) -> None:
-    print(f"twosimplicial: warning: {msg}", file=sys.stderr)
 
 
 def _is_run_dir(p: Path) -> bool:
@@ -294,34 +287,6 @@ def _is_run_dir(p: Path) -> bool:
 
 def _is_checkpoint_dir(p: Path) -> bool:
     return bool(_CHECKPOINT_NAME.match(p.name)) and p.parent.name == "checkpoints"
-
-
-def _read_manifest(directory: Path) -> dict:
-    mf = directory / MANIFEST_FILE
-    try:
-        manifest = json.loads(mf.read_text())
-        if not isinstance(manifest.get("files"), dict):
-            raise KeyError("files")
-    except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as e:
-        raise checkpoint.CheckpointError(f"{mf}: unreadable manifest ({e})") from None
-    return manifest
-
-
-def _verify_saved(directory: Path) -> None:
-    """Check a ``save_pretrained`` directory against its manifest (``CheckpointError`` naming the file)."""
-    if not (directory / MANIFEST_FILE).is_file():
-        raise checkpoint.CheckpointError(f"{directory}: no {MANIFEST_FILE} (an incomplete or interrupted "
-                                         "save_pretrained)")
-    files = _read_manifest(directory)["files"]
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if name not in files:
-            raise checkpoint.CheckpointError(f"{directory}: the manifest lists no {name}")
-    for name, digest in files.items():
-        f = directory / name
-        if not f.is_file():
-            raise checkpoint.CheckpointError(f"{f}: missing")
-        if checkpoint.file_sha256(f) != digest:
-            raise checkpoint.CheckpointError(f"{f}: SHA-256 does not match the manifest (the file is corrupt)")
 
 
 def _model_config(config_file: Path, *, run: bool) -> ModelConfig:
