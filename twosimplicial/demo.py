@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import write_atomic
 from .data import Match3Source, balanced_modulus, position_baseline
 from .models import ModelConfig, count_parameters
 from .models.config import FORMS
@@ -160,12 +161,6 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     for d in runs:
         shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def spread_verdict(gap: float, experiment: dict, spread_json: str | os.PathLike | None) -> str:
@@ -292,7 +287,7 @@ def run_demo(size: str = "cpu", out_dir: str | os.PathLike = "runs/demo", steps:
            "seed": seed, "parallel": parallel, "position_baseline_accuracy": base, "models": rows,
            "model_configs": models, "accuracy_gap_simplicial_minus_dot": gap, "experiment": experiment,
            "seed_spread": verdict, "table": table}
-    _write_json(out / "results.json", res)
+    write_atomic(out / "results.json", json.dumps(res, indent=2))
     return res
 
 
@@ -337,7 +332,7 @@ def run_demo_seeds(seeds=(0, 1, 2, 3, 4), size: str = "cpu", out_dir: str | os.P
            "outside_rule": "a single seed's gap is outside the seed spread when |gap| > accuracy_range_max"}
     path = Path(out_json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, res)
+    write_atomic(path, json.dumps(res, indent=2))
     print(f"\naccuracy over seeds {list(seeds)}: " + ", ".join(
         f"{k} {spread['accuracy_min'][k]:.4f}..{spread['accuracy_max'][k]:.4f}" for k in MODELS)
         + f"; gap {spread['gap_min']:+.4f}..{spread['gap_max']:+.4f} (median {spread['gap_median']:+.4f}); {path}")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..checkpoint import file_sha256
 from .tokenizer import eos_id, load_tokenizer, train_bpe
 
 MANIFEST_VERSION = 1
@@ -233,10 +234,7 @@ class CodeCorpus:
 
     def sha256(self) -> str:
         """Digest of the corpus and its tokenizer: equal digests mean the same tokens and the same ids."""
-        parts = {}
-        for name in ("tokenizer.json", "train.bin", "val.bin"):
-            with open(self.dir / name, "rb") as f:
-                parts[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        parts = {name: file_sha256(self.dir / name) for name in ("tokenizer.json", "train.bin", "val.bin")}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def copy_for_eval(self, dest: str | Path) -> Path:

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import write_atomic
+
 ARCHS = ("dot", "simplicial")
 PARAMS = {"non_embedding": "params_nonembedding", "total": "params_total"}
 REQUIRED = {
@@ -377,9 +379,7 @@ def fit_results(results_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
     if result["data_sha256"] is None:
         print("fit: warning: the run files carry no data_sha256; their data cannot be checked to be the same",
               file=sys.stderr)
-    tmp = out_dir / ".fit.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
-    os.replace(tmp, out_dir / "fit.json")
+    write_atomic(out_dir / "fit.json", json.dumps(result, indent=2, allow_nan=False))
     return result
 
 

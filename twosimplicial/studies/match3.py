@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import device_name
+from ..checkpoint import write_atomic
 from ..data import match3_labels, position_baseline
 from ..demo import matched_models, parse_seeds
 from ..models import ModelConfig, TwoSimplicialLM, count_parameters
@@ -180,18 +182,8 @@ def train_run(spec: dict, device: str | torch.device) -> dict:
     return {"spec": spec, "parameters": count_parameters(cfg)["total"], "curves": curves,
             "final": {k: v[-1] for k, v in curves.items() if k != "step"},
             "n_train": N, "n_test": len(x_test), "test_duplicates_removed": data["test_duplicates_removed"],
-            "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
+            "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
             "wall_s": time.perf_counter() - t0}
-
-
-def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _run_and_save(job: tuple[dict, str, str, int]) -> tuple[str, float]:
@@ -199,7 +191,7 @@ def _run_and_save(job: tuple[dict, str, str, int]) -> tuple[str, float]:
     if threads:
         torch.set_num_threads(threads)
     res = train_run(spec, device)
-    _write_json(Path(path), res)
+    write_atomic(path, json.dumps(res, indent=1))
     return spec["name"], res["final"]["test_accuracy"]
 
 
@@ -379,7 +371,7 @@ def run_study(preset: str = "gpu", out: str | os.PathLike = "results/match3", de
     res = {
         "preset": preset, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "seeds": list(seeds), "device": device,
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "torch": torch.__version__, "train_wall_s_this_invocation": train_wall,
         "split": ("per (setting, seed): n_train training sequences from one random stream, trained for many "
                   "epochs; n_test test sequences from an independent stream with every sequence that also "
@@ -388,7 +380,7 @@ def run_study(preset: str = "gpu", out: str | os.PathLike = "results/match3", de
                      "with test accuracy >= threshold (None: never; median None when more than half never)",
         "interval": f"95% percentile bootstrap of the median over seeds, {BOOTSTRAP_RESAMPLES} resamples",
         "rows": rows}
-    _write_json(out / "match3.json", res)
+    write_atomic(out / "match3.json", json.dumps(res, indent=1))
     _print_table(rows)
     print(f"results: {out / 'match3.json'}   plot: {out / 'match3.png'}")
     return res

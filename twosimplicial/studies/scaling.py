@@ -57,7 +57,6 @@ import copy
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import time
@@ -68,9 +67,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._validate import check_int
+from ..checkpoint import read_manifest, write_atomic
 from ..data import CodeCorpus, DataConfig, prepare_corpus
 from ..models import ModelConfig, count_parameters
 from ..models.flops import flops_per_token
+from . import device_name, triton_version
 from ..train import DEFAULTS, apply_overrides, check_run, latest_checkpoint, model_config, train, train_config
 
 ARCHS = ("dot", "simplicial")
@@ -132,13 +134,6 @@ class Sweep:
         return self.results_dir / "runs" / f"{name}.json"
 
 
-def _int(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an integer, got {v!r}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
-
-
 def _split_overrides(sets):
     """``sweep.*`` overrides apart from the ones ``train.apply_overrides`` takes."""
     sweep_sets, other = [], []
@@ -182,10 +177,10 @@ def build_sweep(path: str, sw: dict, base: dict) -> Sweep:
         known = sorted(set(SWEEP_REQUIRED) | set(SWEEP_DEFAULTS))
         raise ValueError(f"unknown [sweep] keys {sorted(unknown)}; known: {known}")
     sw = {**SWEEP_DEFAULTS, **sw}
-    _int("sweep.tokens", sw["tokens"], 1)
-    _int("sweep.simplicial_every", sw["simplicial_every"], 1)
+    check_int("sweep.tokens", sw["tokens"], 1)
+    check_int("sweep.simplicial_every", sw["simplicial_every"], 1)
     for k in ("eval_max_tokens", "eval_math_problems", "eval_batch_size"):
-        _int(f"sweep.{k}", sw[k], 1)
+        check_int(f"sweep.{k}", sw[k], 1)
     if not isinstance(sw["eval_humaneval"], bool):
         raise TypeError(f"sweep.eval_humaneval must be true or false, got {sw['eval_humaneval']!r}")
     for k in ("runs_dir", "results_dir"):
@@ -199,7 +194,7 @@ def build_sweep(path: str, sw: dict, base: dict) -> Sweep:
     if not isinstance(seeds, list) or not seeds:
         raise ValueError(f"sweep.seeds must be a non-empty list of distinct integers, got {seeds!r}")
     for s in seeds:
-        _int("sweep.seeds[]", s, 0)
+        check_int("sweep.seeds[]", s, 0)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"sweep.seeds must be distinct, got {seeds!r}")
     sizes = sw["sizes"]
@@ -219,10 +214,10 @@ def build_sweep(path: str, sw: dict, base: dict) -> Sweep:
         if s["name"] in names:
             raise ValueError(f"sweep.sizes: duplicate name {s['name']!r}")
         names.add(s["name"])
-        _int(f"sweep.sizes[{i}].dim", s["dim"], 1)
-        _int(f"sweep.sizes[{i}].n_layers", s["n_layers"], 1)
+        check_int(f"sweep.sizes[{i}].dim", s["dim"], 1)
+        check_int(f"sweep.sizes[{i}].n_layers", s["n_layers"], 1)
         if "n_heads" in s:
-            _int(f"sweep.sizes[{i}].n_heads", s["n_heads"], 1)
+            check_int(f"sweep.sizes[{i}].n_heads", s["n_heads"], 1)
         elif not isinstance(head_dim, int) or isinstance(head_dim, bool) or s["dim"] % head_dim:
             raise ValueError(f"sweep.sizes[{i}] ({s['name']}): give n_heads, or set [model] head_dim to a divisor "
                              f"of dim={s['dim']} (got head_dim={head_dim!r})")
@@ -358,13 +353,6 @@ def format_estimate(est: dict) -> str:
 
 
 # --------------------------------------------------------------------------- one run
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-
-
 def _git_commit() -> tuple[str | None, bool | None]:
     root = Path(__file__).resolve().parents[2]
     try:
@@ -374,20 +362,6 @@ def _git_commit() -> tuple[str | None, bool | None]:
     except (OSError, subprocess.CalledProcessError):
         return None, None
     return head.stdout.strip(), bool(status.stdout.strip())
-
-
-def _device_name(device_pref: str) -> str:
-    if device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def read_curve(run_dir: str | os.PathLike, tokens_per_step: int, source: str = CURVE_SOURCE) -> list[list]:
@@ -438,22 +412,22 @@ def run_one(sw: Sweep, spec: RunSpec) -> dict | None:
         "tokens_per_s": summary["tokens_per_s"],
         "train_seconds": summary["train_time_s"], "eval_seconds": eval_s,
         "gpu_seconds": summary["train_time_s"] + eval_s,
-        "device": _device_name(spec.cfg["run"]["device"]),
-        "torch": torch.__version__, "triton": _triton_version(), "commit": commit, "commit_dirty": dirty,
+        "device": device_name(spec.cfg["run"]["device"]),
+        "torch": torch.__version__, "triton": triton_version(), "commit": commit, "commit_dirty": dirty,
         "data_sha256": summary.get("data_sha256"),
         "curve": read_curve(run_dir, sw.tokens_per_step),
         "eval": {suite: r["nll"] for suite, r in ev.items()
                  if isinstance(r, dict) and isinstance(r.get("nll"), (int, float))},
     }
-    _write_json_atomic(sw.run_file(spec.name), record)
+    sw.run_file(spec.name).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(sw.run_file(spec.name), json.dumps(record, indent=2, allow_nan=False))
     return record
 
 
 # --------------------------------------------------------------------------- the sweep
 def _checkpoint_step(run_dir: Path) -> int:
     ck = latest_checkpoint(run_dir)
-    m = re.search(r"(\d+)$", ck.name) if ck is not None else None
-    return int(m.group(1)) if m else 0
+    return int(read_manifest(ck)["step"]) if ck is not None else 0
 
 
 def _estimated_seconds(sw: Sweep, spec: RunSpec, finished: list[dict], config_est: dict) -> float:

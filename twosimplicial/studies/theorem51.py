@@ -55,22 +55,16 @@ import numbers
 import numpy as np
 import torch
 
+from .._validate import check_int
 from ..ops import two_simplicial_attention
 
 THRESHOLD = 0.25
 
 
-def _check_int(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {least}, got {type(value).__name__} {value!r}")
-    if value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-
-
 def required_c(n: int, M: int) -> float:
     """Any ``c`` strictly above ``log(3 n^2) / (1 - cos(2 pi / M))`` labels every position exactly."""
-    _check_int("n", n, 1)
-    _check_int("M", M, 2)
+    check_int("n", n, 1)
+    check_int("M", M, 2)
     return math.log(3 * n * n) / (1 - math.cos(2 * math.pi / M))
 
 
@@ -80,7 +74,7 @@ def _tokens(x, M: int) -> torch.Tensor:
         raise ValueError(f"x must be [batch, n] with n >= 1, got shape {tuple(x.shape)}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"x must hold integers, got {x.dtype}")
-    _check_int("M", M, 2)
+    check_int("M", M, 2)
     if x.numel() and (x.min() < 0 or x.max() >= M):
         raise ValueError(f"x values must lie in [0, M={M})")
     return x.long()
