@@ -15,6 +15,7 @@ from twosimplicial.studies import fit as fit_mod
 from twosimplicial.studies import scaling
 from twosimplicial.studies.fit import check_comparable, fit_results
 from twosimplicial.studies.scaling import estimate, load_sweep, sweep
+from twosimplicial.train import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -222,7 +223,7 @@ def test_sweep_skips_finished_runs_and_resumes_a_stopped_one(tmp_path, cache, mo
     res = sweep(load_sweep(CPU_CONFIG, sets + ["train.stop_at_step=12"]), progress=False)
     assert res == {"finished": [], "done": ["d16-dot-s0"], "stopped": ["d16-simplicial-s0"], "skipped": []}
     assert not (tmp_path / "a" / "results" / "runs" / "d16-simplicial-s0.json").exists()
-    assert scaling.latest_checkpoint(tmp_path / "a" / "runs" / "d16-simplicial-s0").name.endswith("0000008")
+    assert latest_checkpoint(tmp_path / "a" / "runs" / "d16-simplicial-s0").name.endswith("0000008")
 
     calls = []
     real_train = scaling.train

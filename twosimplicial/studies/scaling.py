@@ -68,12 +68,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .._validate import check_int
-from ..checkpoint import read_manifest, write_atomic
+from ..checkpoint import step_dirs, write_atomic
 from ..data import CodeCorpus, DataConfig, prepare_corpus
 from ..models import ModelConfig, count_parameters
 from ..models.flops import flops_per_token
 from . import device_name, triton_version
-from ..train import DEFAULTS, apply_overrides, check_run, latest_checkpoint, model_config, train, train_config
+from ..train import DEFAULTS, apply_overrides, check_run, model_config, train, train_config
 
 ARCHS = ("dot", "simplicial")
 SWEEP_DEFAULTS = {
@@ -383,7 +383,7 @@ def run_one(sw: Sweep, spec: RunSpec) -> dict | None:
     before ``max_steps`` (a later call resumes it)."""
     from ..evaluate import evaluate_run
     run_dir = Path(spec.cfg["run"]["out_dir"])
-    summary = train(spec.cfg, resume=latest_checkpoint(run_dir) is not None)
+    summary = train(spec.cfg, resume=bool(step_dirs(run_dir)))      # train verifies the checkpoint it loads
     if summary["step"] < sw.max_steps:
         return None
     sweep = sw.sweep
@@ -426,8 +426,9 @@ def run_one(sw: Sweep, spec: RunSpec) -> dict | None:
 
 # --------------------------------------------------------------------------- the sweep
 def _checkpoint_step(run_dir: Path) -> int:
-    ck = latest_checkpoint(run_dir)
-    return int(read_manifest(ck)["step"]) if ck is not None else 0
+    """The newest checkpoint's step, for the time estimate (train verifies it when it resumes)."""
+    dirs = step_dirs(run_dir)
+    return dirs[-1][0] if dirs else 0
 
 
 def _estimated_seconds(sw: Sweep, spec: RunSpec, finished: list[dict], config_est: dict) -> float:
