@@ -11,7 +11,7 @@ from torch import nn
 from .._validate import check_bool, check_choice, check_int, check_layer_call, check_real
 from ..ops import two_simplicial_attention
 from ..ops.forms import FORMS, REGISTRY, ROTARY_FORMS
-from ..ops.interface import BACKENDS
+from ..ops.interface import BACKENDS, check_window
 from ..ops.decode import decode_two_simplicial_attention
 from .cache import WindowCache
 from .rotary import Rotary3D
@@ -67,8 +67,7 @@ class TwoSimplicialAttention(nn.Module):
         if head_dim < REGISTRY[form].min_head_dim:
             raise ValueError(f"form={form!r} needs head_dim >= {REGISTRY[form].min_head_dim}, got {head_dim}")
         check_choice("backend", backend, BACKENDS)
-        w1, w2 = (None if w is None else check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
-                  for name, w in (("w1", w1), ("w2", w2)))
+        w1, w2 = check_window("w1", w1), check_window("w2", w2)
         check_bool("bias", bias)
         check_bool("rotary", rotary)
         rope_theta = check_real("rope_theta", rope_theta, positive=True)

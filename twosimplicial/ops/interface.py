@@ -95,9 +95,9 @@ def _pick_backend(backend, q):
     return "triton" if op is not None and q.is_cuda and q.dtype != torch.float64 else "torch"
 
 
-def check_window(name: str, w, S):
-    """A window length: an integer >= 1, or ``None`` for no limit (the whole causal past, a
-    window of ``S``). Any length past ``S`` is valid: the plan (``make_plan``) clamps it to
+def check_window(name: str, w, S: int | None = None):
+    """A window length: an integer >= 1, or ``None`` for no limit (the whole causal past: a
+    window of ``S``, or ``None`` where no ``S`` is given, as in a layer). Any length past ``S`` is valid: the plan (``make_plan``) clamps it to
     ``S``, so a window of 2**64 means what a window of ``S`` does."""
     if w is None:
         return S
