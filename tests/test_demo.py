@@ -6,6 +6,7 @@ import re
 import pytest
 
 from twosimplicial import demo
+from twosimplicial.cli import main as cli_main
 
 
 def _parser():
@@ -27,10 +28,9 @@ def test_demo_refuses_to_replace_an_earlier_run(tmp_path, capsys):
         _run(out)
     assert (out / "dot" / "metrics.jsonl").read_text() == log                    # untouched
 
-    args = _parser().parse_args(["demo", "--out-dir", str(out), "--steps", "2", "--device", "cpu"])
-    assert args.fn(args) == 2                                                    # the CLI: a message, no traceback
+    assert cli_main(["demo", "--out-dir", str(out), "--steps", "2", "--device", "cpu"]) == 2   # a message, no traceback
     err = capsys.readouterr().err
-    assert "twosimplicial demo: error:" in err and str(out / "dot") in err and "--overwrite" in err
+    assert "twosimplicial: error:" in err and str(out / "dot") in err and "--overwrite" in err
 
     again = _run(out, overwrite=True, seed=1)                                    # replaced
     assert again["seed"] == 1 and first["seed"] == 0

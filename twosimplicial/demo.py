@@ -34,7 +34,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -349,17 +348,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def _cli(args) -> int:
-    try:
-        if args.seeds is not None:
-            run_demo_seeds(seeds=args.seeds, size=args.size, out_dir=args.out_dir or "runs/demo-seeds",
-                           steps=args.steps, device=args.device, form=args.form, overwrite=args.overwrite,
-                           out_json=args.spread_out)
-        else:
-            run_demo(size=args.size, out_dir=args.out_dir or "runs/demo", steps=args.steps, device=args.device,
-                     seed=args.seed, form=args.form, overwrite=args.overwrite)
-    except FileExistsError as e:
-        print(f"twosimplicial demo: error: {e}", file=sys.stderr)
-        return 2
+    if args.seeds is not None:
+        run_demo_seeds(seeds=args.seeds, size=args.size, out_dir=args.out_dir or "runs/demo-seeds",
+                       steps=args.steps, device=args.device, form=args.form, overwrite=args.overwrite,
+                       out_json=args.spread_out)
+    else:
+        run_demo(size=args.size, out_dir=args.out_dir or "runs/demo", steps=args.steps, device=args.device,
+                 seed=args.seed, form=args.form, overwrite=args.overwrite)
     return 0
 
 
