@@ -116,3 +116,13 @@ def check_layer_call(dim: int, x, start_pos, cache, cache_type: type) -> None:
     check_int("start_pos", start_pos, 0)
     if cache is not None:
         check_instance("cache", cache, cache_type, f"a {cache_type.__name__} (layer.new_cache()) or None")
+
+
+def resolve_device(name: str, device) -> str:
+    """``device`` as ``"cpu"`` or ``"cuda"``: one of those or ``"auto"`` (CUDA when available)."""
+    check_choice(name, device, ("auto", "cpu", "cuda"))
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}='cuda' but CUDA is not available")
+    return device

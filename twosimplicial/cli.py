@@ -67,11 +67,12 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     import torch
 
+    from ._validate import resolve_device
     from .generate import generate
     from .train import load_model, run_corpus
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("--device", args.device)
     model, cfg = load_model(args.run_dir, device)
     if cfg["data"]["task"] != "lm":
         raise ValueError(f"{args.run_dir} is a {cfg['data']['task']!r} run: generate needs a language model")

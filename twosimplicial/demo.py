@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._validate import resolve_device
 from .checkpoint import write_atomic
 from .data import Match3Source, balanced_modulus, position_baseline
 from .models import ModelConfig, count_parameters
@@ -183,11 +184,7 @@ def _size_and_device(size: str, device: str) -> str:
     """Check ``size`` and ``device``; return the device ``"auto"`` stands for."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve_device("device", device)
 
 
 def run_demo(size: str = "cpu", out_dir: str | os.PathLike = "runs/demo", steps: int | None = None,

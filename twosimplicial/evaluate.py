@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._validate import resolve_device
 from .checkpoint import write_atomic
 from .data import Match3Source, math_problems, position_baseline
 from .train import evaluate_batches, load_model, run_corpus
@@ -101,8 +102,7 @@ def evaluate_run(run_dir, out=None, device: str = "auto", max_tokens: int = 200_
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if not isinstance(humaneval, bool):
         raise TypeError(f"humaneval must be a bool, got {humaneval!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("device", device)
     model, cfg = load_model(run_dir, device)
     out = Path(out) if out else Path(run_dir) / "eval.json"
     if not out.parent.is_dir():                        # fail before the work, not after it

@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import device_name
+from .._validate import resolve_device
 from ..checkpoint import write_atomic
 from ..data import match3_labels, position_baseline
 from ..demo import matched_models, parse_seeds
@@ -304,16 +305,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 # --------------------------------------------------------------------------- the study
-def _resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def run_study(preset: str = "gpu", out: str | os.PathLike = "results/match3", device: str = "auto",
               seeds: tuple[int, ...] | list[int] | None = None, workers: int | None = None,
               progress: bool = True) -> dict:
@@ -324,7 +315,7 @@ def run_study(preset: str = "gpu", out: str | os.PathLike = "results/match3", de
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
-    device = _resolve_device(device)
+    device = resolve_device("device", device)
     seeds = tuple(p["seeds"] if seeds is None else seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
