@@ -27,6 +27,7 @@ Every value is per token of a ``seq_len``-token training sequence and a float.
 from __future__ import annotations
 
 from .config import ModelConfig
+from .transformer import count_parameters
 
 ATTENTION_TRAIN_FACTOR = 3.5      # forward 1 + backward 2.5, in units of the forward
 
@@ -54,15 +55,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    d = cfg.dim
-    dot_proj = d * cfg.n_heads * cfg.head_dim * 2 + d * cfg.n_kv_heads * cfg.head_dim * 2
-    simp_proj = (d * cfg.simplicial_heads * cfg.simplicial_head_dim * 2
-                 + d * cfg.simplicial_kv_heads * cfg.simplicial_head_dim * 4)
-    expert = 3 * d * cfg.mlp_hidden
-    mlp = d * cfg.n_experts + cfg.moe_top_k * expert if cfg.n_experts else expert
+    params = count_parameters(cfg)["matmul"]
     kinds = cfg.layer_kinds()
     n_dot, n_simp = kinds.count("dot"), kinds.count("simplicial")
-    params = n_dot * dot_proj + n_simp * simp_proj + cfg.n_layers * mlp + d * cfg.output_size
     fwd_dot = n_dot * 4 * cfg.head_dim * cfg.n_heads * _mean_pairs(seq_len, seq_len)
     fwd_simp = (n_simp * 4 * cfg.simplicial_head_dim * cfg.simplicial_heads
                 * _mean_triples(seq_len, cfg.w1, cfg.w2))

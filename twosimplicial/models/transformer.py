@@ -315,6 +315,9 @@ def count_parameters(config_or_model) -> dict[str, int]:
     * ``non_embedding``: total minus the token-embedding table (an untied head stays: it is
       a matmul every token pays for).
     * ``active_non_embedding``: active minus the embedding table.
+    * ``matmul``: the matrix parameters a token passes through (projections, active experts and
+      router, the output head even when tied; no norms, no embedding lookup): what FLOP counts
+      multiply (``twosimplicial.models.flops``).
     """
     cfg = config_or_model.config if isinstance(config_or_model, nn.Module) else config_or_model
     if not isinstance(cfg, ModelConfig):
@@ -342,5 +345,6 @@ def count_parameters(config_or_model) -> dict[str, int]:
     shared = embed + head + d + attn + cfg.n_layers * norms    # + final norm
     total = shared + cfg.n_layers * mlp_total
     active = shared + cfg.n_layers * mlp_active
+    matmul = attn + cfg.n_layers * mlp_active + d * cfg.output_size
     return {"total": total, "active": active, "non_embedding": total - embed,
-            "active_non_embedding": active - embed}
+            "active_non_embedding": active - embed, "matmul": matmul}
