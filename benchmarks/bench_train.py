@@ -27,7 +27,7 @@ import torch
 
 from twosimplicial.models import TwoSimplicialLM, flops_per_token
 from twosimplicial.studies.scaling import load_sweep
-from twosimplicial.train import _param_groups, model_config, train_config
+from twosimplicial.train import make_optimizer, model_config, train_config
 
 PEAK_BF16 = 989.4e12
 
@@ -52,7 +52,7 @@ def make_step(spec, mode: str):
     torch.manual_seed(0)
     model = TwoSimplicialLM(mcfg).cuda()
     fwd = model if mode == "eager" else torch.compile(model, fullgraph=True, mode=mode)
-    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+    opt, _ = make_optimizer(model, t, torch.device("cuda"))
     B, S = data["batch_size"], data["seq_len"]
     x = torch.randint(0, mcfg.vocab_size, (B, S), device="cuda")
     y = torch.randint(0, mcfg.vocab_size, (B, S), device="cuda")

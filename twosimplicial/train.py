@@ -389,6 +389,15 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model, t: TrainConfig, device: torch.device, horizon: int | None = None):
+    """The recipe's AdamW (decay on matrices only, fused on CUDA) and its warm-up + cosine schedule
+    (``lr_lambda``; ``horizon`` defaults to ``t.max_steps``)."""
+    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=t.eps, fused=torch.device(device).type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, t, horizon))
+    return optimizer, scheduler
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the records of steps <= ``step`` (atomically: a kill leaves the old or the new file)."""
     if not path.is_file():
@@ -516,9 +525,7 @@ def train(cfg: dict, resume: bool = False) -> dict:
         else:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[d.local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(raw, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  eps=t.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, t, horizon))
+    optimizer, scheduler = make_optimizer(raw, t, device, horizon)
     amp = _autocast(device, t)
 
     step, tokens, elapsed = 0, 0, 0.0

@@ -21,7 +21,7 @@ training set, test set and batch order, so architectures are compared on paired 
 have the fixed length ``n``: the models are causal and a label depends only on its prefix, so the
 recipe's variable lengths (30-35) would only drop the labels of the last positions.
 
-Training is train.py's recipe in a compact in-process loop (``_param_groups``, ``lr_lambda``,
+Training is train.py's recipe in a compact in-process loop (``make_optimizer``,
 ``evaluate_batches``): AdamW, linear warm-up, cosine decay, gradient clipping, bf16 autocast on CUDA.
 
 Reported per (setting, depth, arch), over seeds: parameter count; final test accuracy (median and
@@ -58,7 +58,7 @@ from ..checkpoint import write_atomic
 from ..data import match3_labels, position_baseline
 from ..demo import matched_models, parse_seeds
 from ..models import ModelConfig, TwoSimplicialLM, count_parameters
-from ..train import TrainConfig, _param_groups, evaluate_batches, lr_lambda
+from ..train import TrainConfig, evaluate_batches, make_optimizer
 
 ARCHS = ("dot", "trilinear", "determinant")
 
@@ -144,9 +144,7 @@ def train_run(spec: dict, device: str | torch.device) -> dict:
     t = TrainConfig(max_steps=spec["steps"], lr=spec["lr"], warmup_steps=spec["warmup_steps"],
                     weight_decay=spec["weight_decay"])
     t.validate()
-    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  eps=t.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, t))
+    optimizer, scheduler = make_optimizer(model, t, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     N, B = len(x_train), min(spec["batch_size"], len(x_train))
