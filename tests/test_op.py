@@ -279,3 +279,30 @@ def test_windows_past_int64_mean_the_whole_past(backend, monkeypatch):
     torch.testing.assert_close(huge, two_simplicial_attention(*ins, 6, 6, backend=backend))
     huge.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in ins)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("S, w1, w2, p", [(24, 12, 4, 10), (12, 6, 3, 5), (24, 4, 12, 3), (24, 1, 1, 7),
+                                          (9, 30, 2, 4), (17, 5, 5, 16)])
+def test_a_non_finite_input_reaches_only_the_outputs_that_see_it(backend, name, value, S, w1, w2, p, monkeypatch):
+    """A non-finite value at position p makes exactly the outputs whose windows hold p non-finite
+    (q: row p; k1, v1: rows p .. p + w1 - 1; k2, v2: rows p .. p + w2 - 1), and every other row
+    equals the result with a finite value there: masked keys contribute exactly nothing."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(S + p)
+    ins = [torch.randn(2, S, 2, 16) for _ in NAMES]
+    clean = two_simplicial_attention(*ins, w1, w2, backend=backend)
+    ins[NAMES.index(name)][1, p, 0] = value
+    out = two_simplicial_attention(*ins, w1, w2, backend=backend)
+    w = {"q": 1, "k1": w1, "v1": w1, "k2": w2, "v2": w2}[name]
+    sees = torch.zeros(S, dtype=torch.bool)
+    sees[p : p + w] = True
+    poisoned = ~torch.isfinite(out[1, :, 0]).all(-1)
+    assert poisoned.tolist() == sees.tolist()
+    torch.testing.assert_close(out[0], clean[0])                   # the other batch row, untouched
+    torch.testing.assert_close(out[1, ~sees], clean[1, ~sees])
+    torch.testing.assert_close(out[1, :, 1], clean[1, :, 1])       # the other kv head, untouched

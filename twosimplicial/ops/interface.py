@@ -104,6 +104,24 @@ def check_window(name: str, w, S: int | None = None):
     return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
 
 
+def mark_nonfinite(out, vb, wb: int):
+    """``out`` with NaN wherever the query's big window holds a non-finite value of ``vb``.
+
+    Masked keys contribute exactly nothing: the backends compute their value products with
+    non-finite ``v_b`` entries zeroed (a masked key's weight is 0, but ``0 * nan = nan`` in a
+    matrix product would reach queries that cannot see the key). A query whose big window
+    ``[i - wb, i]`` does hold such a value gets NaN in that value column here; non-finite
+    queries, keys and small-window values reach exactly the outputs that see them without help.
+    The count of non-finite entries up to each position is a cumulative sum over the sequence:
+    O(B S Hkv Dv), no sync, traceable.
+    """
+    B, S, Hkv, Dv = vb.shape
+    bad = (~torch.isfinite(vb)).to(torch.int32).cumsum(1)                  # [B, S, Hkv, Dv]
+    before = torch.nn.functional.pad(bad, (0, 0, 0, 0, wb, 0))[:, :S]     # the count up to i - wb
+    seen = (bad - before > 0)[:, :, :, None, :]                            # [B, S, Hkv, 1, Dv]
+    return out.view(B, S, Hkv, -1, Dv).masked_fill(seen, float("nan")).view(out.shape)
+
+
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
                              return_lse=False, backend="auto"):
     """2-simplicial attention with causal sliding windows (docs/math.md, The operation).
@@ -147,4 +165,5 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale)
     else:
         out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
+    out = mark_nonfinite(out, plan.split(k1, v1, k2, v2)[3], plan.wb)
     return (out, lse) if return_lse else out
