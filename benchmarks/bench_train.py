@@ -76,6 +76,40 @@ def time_steps(step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+# Kernel-name patterns of each share of a step's GPU time (--profile), first match wins.
+KERNEL_KINDS = (
+    ("2-simplicial attention", ("two_simplicial", "_bwd_rows", "_bwd_big_keys", "_delta")),
+    ("dot-product attention", ("flash", "fmha", "cudnn", "attention")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "sm80")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("fused elementwise and reductions (inductor)", ("triton_",)),
+)
+
+
+def profile_step(step, n: int = 3) -> dict:
+    """GPU time of ``n`` steps by kernel kind (KERNEL_KINDS, the rest as "other"), beside the
+    wall time: the GPU's idle share is the launch and host overhead a small model pays."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    by_kind: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0.0)
+        if not us:
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(pt in name for pt in pats)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + us / 1e6 / n
+    busy = sum(by_kind.values())
+    return {"wall_s": wall, "gpu_busy_s": busy, "gpu_idle_share": max(0.0, 1 - busy / wall),
+            "share_of_wall": {k: v / wall for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/scaling.toml")
@@ -85,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each (size, arch, mode): GPU time by kernel kind and the idle share")
     p.add_argument("--out", default="bench_train.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -123,9 +159,15 @@ def main(argv=None) -> int:
             row = {"size": spec.size["name"], "arch": spec.arch, "mode": m, "tokens_per_s": tps,
                    "step_s_rounds": times[m], "warmup_s": steps[m][1], "flops_per_token": fpt,
                    "mfu_peak": tps * fpt / PEAK_BF16, "mfu_measured": tps * fpt / ceiling}
+            if args.profile:
+                row["profile"] = profile_step(steps[m][0])
             rows.append(row)
             print(f"{row['size']:>8} {row['arch']:>10} {m:>26}  {tps / 1e6:6.3f}M tok/s  MFU {row['mfu_peak']:5.1%} "
                   f"({row['mfu_measured']:5.1%} of measured)  warm-up {row['warmup_s']:5.1f} s", flush=True)
+            if args.profile:
+                pr = row["profile"]
+                print("          GPU idle {:.0%}; ".format(pr["gpu_idle_share"]) + ", ".join(
+                    f"{k} {v:.0%}" for k, v in pr["share_of_wall"].items()), flush=True)
         del steps
         torch._dynamo.reset()
         torch.cuda.empty_cache()
