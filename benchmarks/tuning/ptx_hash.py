@@ -1,0 +1,163 @@
+"""PTX hashes of the Triton kernels, for proving that a refactor changed no generated code.
+
+    python -m benchmarks.tuning.ptx_hash [--cases NAME,...] [--json FILE] [--dump DIR]
+
+Compiles the forward and the backward kernels for Hopper (sm_90) on a machine without a GPU:
+a stand-in driver supplies the target and every launch becomes ``warmup`` (compile, launch
+nothing), with the GPU's launch configurations and GPU-only constants. The host code runs as on
+the GPU otherwise (plans, tile choices, descriptors), on CPU tensors. The PTX is normalised
+before hashing (debug sections, ``.loc`` / ``.file`` line info and comments removed, the kernel's
+name and its parameters renamed ``kernel`` / ``kernel_param_N``), so that renaming a file, a
+kernel or a helper leaves the hash alone while any change of the generated code changes it.
+Prints one line per (case, kernel) and writes the hashes as JSON; ``--dump`` also writes the
+normalised PTX, to diff two runs.
+
+Run it before and after a change with the same triton: equal hashes mean the same kernels
+(no change of speed or results possible). It compiles with whatever triton is installed; the
+hashes of two triton versions are not comparable. Unset ``TRITON_INTERPRET`` first (it is
+removed here), or the kernels would be interpreted, not compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+# name: (B, S, Hq, Hkv, D, Dv, w1, w2, dtype, allow_tf32, scale, forward config overrides)
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+CASES = {
+    "mha-64x16": (1, 1024, 4, 4, 64, 64, 64, 16, BF16, False, 0.125, {}),           # 4-position tiles: narrow blocks
+    "mha-512x32": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, 0.125, {}),         # 2-position tiles: edge product
+    "mha-512x32-narrow": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, 0.125, {"edge_dot": False}),
+    "gqa64": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125, {}),          # 1-position tiles
+    "fp16": (1, 1024, 4, 4, 64, 64, 512, 32, FP16, False, 0.125, {}),
+    "fp32-ieee": (1, 512, 4, 2, 64, 64, 128, 32, FP32, False, 0.125, {}),
+    "fp32-tf32": (1, 512, 4, 2, 64, 64, 128, 32, FP32, True, 0.125, {}),
+    "d48": (1, 512, 4, 2, 48, 48, 100, 20, BF16, False, 0.125, {}),                # pointer loads, masked head dim
+    "w256x128": (1, 1024, 4, 4, 64, 64, 256, 128, BF16, False, 0.125, {}),         # 128-row tiles, 8 warps
+    "w300x200": (1, 1024, 4, 4, 64, 64, 300, 200, BF16, False, 0.125, {}),         # forward chunk loop (ws > T)
+    "s1": (2, 1, 4, 2, 64, 64, 1, 1, BF16, False, 0.125, {}),                      # integer args of 1 specialised
+    "negative-scale": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, -0.125, {}),
+    "wide-d254": (1, 512, 4, 4, 254, 128, 512, 32, BF16, False, 0.125, {}),        # determinant form's head
+    "int64": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, 0.125, {"int64_idx": True}),
+}
+# the backward's kernels in launch order
+BWD_NAMES = ("delta", "keys", "rows")
+
+
+class StandIn:
+    """The driver calls the host code and ``warmup`` make, without a GPU."""
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+
+
+def normalise(ptx: str) -> str:
+    """PTX without debug sections, line info and comments, the kernel named ``kernel``."""
+    lines, in_debug = [], False
+    for line in ptx.splitlines():
+        line = line.split("//")[0].rstrip()
+        s = line.strip()
+        if s.startswith(".section") and ".debug" in s:
+            in_debug = "}" not in s                      # a one-line section ends where it starts
+            continue
+        if in_debug:
+            in_debug = s != "}"
+            continue
+        if not s or s.startswith((".loc", ".file")) or re.fullmatch(r"\$L__(tmp|func_end|func_begin)\d+:", s):
+            continue
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    name = re.search(r"\.entry\s+([\w$]+)\s*\(", text).group(1)
+    return re.sub(rf"\b{re.escape(name)}(?=\b|_param_)", "kernel", text)
+
+
+class _Compile:
+    """Stands for a kernel launcher: ``[grid](*args, **kw)`` compiles with ``warmup`` instead."""
+    def __init__(self, fn, sink, gpu_constants):
+        self.fn, self.sink, self.gpu_constants = fn, sink, gpu_constants
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            kw.update({k: v for k, v in self.gpu_constants.items() if k in kw})
+            self.sink.append((self.fn.fn.__name__, self.fn.warmup(*args, grid=grid, **kw).asm["ptx"]))
+        return launch
+
+
+def _hook(sink):
+    """Make the host code choose the GPU's configurations and kernels, and compile, not launch:
+    returns (forward, backward) entry points on the canonical problem."""
+    import twosimplicial.ops.triton_bwd as bwd
+    import twosimplicial.ops.triton_fwd as fwd
+    fwd_config, bwd_config = fwd.fwd_config, bwd._config
+    fwd.fwd_config = lambda gkv, ws, D, Dv, interpret, **k: fwd_config(gkv, ws, D, Dv, False, **k)
+    bwd._config = lambda device, *a, **k: bwd_config(torch.device("cuda"), *a, **k)
+    fwd_kernel = triton.jit(fwd._two_simplicial_fwd_kernel)
+    fwd._kernel = lambda interpret: _Compile(fwd_kernel, sink, {})
+    # GPU-only constants the host code derives from the tensors' device: the delta kernel's
+    # block of positions, the rows kernel's bf16 0/1-matrix products
+    bwd._kernel = lambda fn, device: _Compile(fn, sink, {"BS": 64, "ONEHOT_BF16": True})
+    return fwd.two_simplicial_fwd, bwd.two_simplicial_bwd
+
+
+def run_case(name, fwd, bwd, sink):
+    B, S, Hq, Hkv, D, Dv, w1, w2, dtype, tf32, scale, config = CASES[name]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, S, Hq, D, generator=g).to(dtype)
+    k1, k2 = (torch.randn(B, S, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    v1, v2 = (torch.randn(B, S, Hkv, Dv, generator=g).to(dtype) for _ in range(2))
+    out = torch.randn(B, S, Hq, Dv, generator=g).to(dtype)
+    hashes = {}
+    for phase, call in (("fwd", lambda: fwd(q, k1, v1, k2, v2, w1, w2, scale, tf32, config=config)),
+                        ("bwd", lambda: bwd(torch.randn_like(out), q, k1, v1, k2, v2, out, torch.zeros(B, Hq, S),
+                                            w1, w2, scale, tf32))):
+        sink.clear()
+        call()
+        labels = ("fwd",) if phase == "fwd" else BWD_NAMES
+        assert len(sink) == len(labels), [n for n, _ in sink]
+        for label, (fn_name, ptx) in zip(labels, sink):
+            norm = normalise(ptx)
+            hashes[label] = dict(sha256=hashlib.sha256(norm.encode()).hexdigest()[:16], function=fn_name, ptx=norm)
+    return hashes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated names of CASES")
+    ap.add_argument("--json", help="write {case: {kernel: hash}} here")
+    ap.add_argument("--dump", help="write the normalised PTX of each (case, kernel) into this folder")
+    args = ap.parse_args(argv)
+    driver.set_active(StandIn())
+    sink = []
+    fwd, bwd = _hook(sink)
+    result = {"triton": triton.__version__, "hashes": {}}
+    for name in args.cases.split(","):
+        t = time.time()
+        hashes = run_case(name, fwd, bwd, sink)
+        result["hashes"][name] = {k: v["sha256"] for k, v in hashes.items()}
+        for kernel, v in hashes.items():
+            print(f"{name:20s} {kernel:6s} {v['sha256']}  ({v['function']})", flush=True)
+            if args.dump:
+                os.makedirs(args.dump, exist_ok=True)
+                with open(os.path.join(args.dump, f"{name}.{kernel}.ptx"), "w") as f:
+                    f.write(v["ptx"])
+        print(f"{name}: {time.time() - t:.0f} s", file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
