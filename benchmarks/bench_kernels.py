@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from twosimplicial.ops import two_simplicial_attention
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention
-from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+from twosimplicial.ops.triton.fwd import two_simplicial_fwd
 
 
 BASE = {  # name: (B, S, Hq, Hkv, D, w1, w2, form, with_bwd)

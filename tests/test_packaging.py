@@ -60,7 +60,7 @@ def test_wheel_ships_py_typed_and_license(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "twosimplicial/py.typed" in names
     assert f"twosimplicial-{twosimplicial.__version__}.dist-info/licenses/LICENSE" in names
-    assert "twosimplicial/ops/triton_fwd.py" in names and "twosimplicial/studies/match3.py" in names
+    assert "twosimplicial/ops/triton/fwd.py" in names and "twosimplicial/studies/match3.py" in names
 
 
 def test_wheel_metadata(wheel):

@@ -15,7 +15,7 @@ def plan_for(S=16, w1=8, w2=4, B=2, Hq=6, Hkv=3, D=5, Dv=7, dtype=torch.float32,
 
 def test_fields():
     p = plan_for()
-    assert (p.B, p.S, p.Hq, p.Hkv, p.G, p.D, p.Dv) == (2, 16, 6, 3, 2, 5, 7)
+    assert (p.B, p.S, p.Hq, p.Hkv, p.gqa, p.D, p.Dv) == (2, 16, 6, 3, 2, 5, 7)
     assert not p.empty
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.ws = 1

@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 from twosimplicial.ops import two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.naive import naive_two_simplicial_attention  # noqa: E402
-from twosimplicial.ops.triton_fwd import two_simplicial_fwd  # noqa: E402
-from twosimplicial.ops.triton_op import is_available, triton_two_simplicial  # noqa: E402
+from twosimplicial.ops.triton.fwd import two_simplicial_fwd  # noqa: E402
+from twosimplicial.ops.triton.op import is_available, triton_two_simplicial  # noqa: E402
 
 
 
@@ -107,8 +107,8 @@ def test_forward_two_positions_per_tile(case, edge_dot):
     B, S, Hq, Hkv, D, Dv, w1, w2 = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     inputs = make(B, S, Hq, Hkv, D, Dv, gen=gen)
-    from twosimplicial.ops.triton_fwd import fwd_config
-    assert fwd_config(Hq // Hkv, min(w1, w2, S), D, Dv, True)["P"] == 2
+    from twosimplicial.ops.triton.fwd import fwd_config
+    assert fwd_config(Hq // Hkv, min(w1, w2, S), D, Dv, True)["BI"] == 2
     ro, rl = ref64(*inputs, w1, w2, 0.3)
     for tma in (False, True):
         out, lse = two_simplicial_fwd(*inputs, w1, w2, 0.3, False, config=dict(edge_dot=edge_dot, tma=tma))
@@ -116,7 +116,7 @@ def test_forward_two_positions_per_tile(case, edge_dot):
 
 
 def test_tma_descriptor_only_where_the_copy_engine_can_read():
-    from twosimplicial.ops.triton_fwd import _kv_desc
+    from twosimplicial.ops.triton.fwd import _kv_desc
     x = torch.randn(2, 9, 3, 32)
     d = _kv_desc(x, 16)
     assert d is not None and list(d.shape) == [2, 9, 96] and list(d.block_shape) == [1, 16, 32]
@@ -344,7 +344,7 @@ def test_gpu_backward_concurrent_and_cuda_graph():
     """The backward's two kernels on two streams (``concurrent``, the default for problems of
     many key blocks) give bitwise the gradients of running them in turn, and they capture into
     a CUDA graph whose replay on fresh inputs gives bitwise the eager gradients."""
-    from twosimplicial.ops.triton_bwd import two_simplicial_bwd
+    from twosimplicial.ops.triton.bwd import two_simplicial_bwd
     gen = torch.Generator(device="cuda").manual_seed(17)
 
     def fresh():

@@ -1,4 +1,4 @@
-"""The Triton backward kernels (twosimplicial/ops/triton_bwd.py) against float64 autograd.
+"""The Triton backward kernels (twosimplicial/ops/triton/bwd.py) against float64 autograd.
 
 CPU: the kernels run under the Triton interpreter (tiny tiles) on tiny shapes in fp32/fp16
 (the interpreter computes bf16 ``tl.dot`` wrongly), against autograd through the dense
@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from twosimplicial.ops.naive import naive_two_simplicial_attention  # noqa: E402
-from twosimplicial.ops.triton_bwd import two_simplicial_bwd  # noqa: E402
+from twosimplicial.ops.triton.bwd import two_simplicial_bwd  # noqa: E402
 
 NAMES = ("dq", "dk1", "dv1", "dk2", "dv2")
 
@@ -217,7 +217,7 @@ def test_negative_and_zero_scale(interpret, scale):
     """The kernels build z = q * k_s and apply |scale| in the exp2 argument: a negative scale is
     carried as -z, a zero one as 1e-30 (the same uniform softmax). Forward and all five
     gradients against float64 autograd."""
-    from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+    from twosimplicial.ops.triton.fwd import two_simplicial_fwd
     gen = torch.Generator().manual_seed(11)
     q, k1, v1, k2, v2, do = _inputs(1, 13, 4, 2, 16, 16, gen)
     out, lse, ref = _reference(_naive, q, k1, v1, k2, v2, do, 9, 5, scale)

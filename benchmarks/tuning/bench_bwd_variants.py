@@ -1,11 +1,11 @@
-"""Device script for the Triton backward (twosimplicial/ops/triton_bwd.py): check, then time variants.
+"""Device script for the Triton backward (twosimplicial/ops/triton/bwd.py): check, then time variants.
 
     python3 -m benchmarks.tuning.bench_bwd_variants --out $OUT/bwd.json [--quick] [--no-checks]
         [--variants '{"gqa64": [["v6", null], ["n32", {"BN": 32}], ["old", {"module": "path/to/old.py"}]],
                       "mha": [...]}']
 
-``--variants`` times named tile configurations (keys of ``_config``), or another copy of
-triton_bwd.py (``module``, a file carried to the device) for A/B comparisons in one run.
+``--variants`` times named tile configurations (keys of ``bwd_config``), or another copy of
+bwd.py (``module``, a file carried to the device) for A/B comparisons in one run.
 
 1. Correctness on a reduced problem: bf16/fp16/fp32 gradients vs float64 autograd through the
    memory-bounded torch path (``chunked``), relative errors; determinism (bitwise reruns).
@@ -24,7 +24,7 @@ import torch
 import triton
 
 from benchmarks.bench_kernels import n_triples
-from twosimplicial.ops.triton_bwd import two_simplicial_bwd
+from twosimplicial.ops.triton.bwd import two_simplicial_bwd
 
 
 def inputs(B, S, Hq, Hkv, D, Dv, dtype, seed=0, mult=1.0):
@@ -35,7 +35,7 @@ def inputs(B, S, Hq, Hkv, D, Dv, dtype, seed=0, mult=1.0):
 
 def fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale):
     try:
-        from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+        from twosimplicial.ops.triton.fwd import two_simplicial_fwd
         return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, False)
     except Exception as e:  # the forward helper's kernel may be mid-edit: fall back to torch
         print("triton fwd unavailable:", repr(e)[:200])
@@ -70,8 +70,13 @@ def check(rows, B, S, Hq, Hkv, D, Dv, w1, w2, dtype, mult=1.0, triton_fwd=False)
 
 
 def load_module(path):
+    """Another copy of ``fwd.py`` or ``bwd.py`` (e.g. an earlier version), loaded as a module of
+    the package ``twosimplicial.ops.triton`` so that its relative imports resolve."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_").replace(".", "_"), path)
+
+    import twosimplicial.ops.triton  # noqa: F401  (the package of the copy's relative imports)
+    name = "twosimplicial.ops.triton._variant_" + path.replace("/", "_").replace(".", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -101,7 +106,7 @@ def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
     first = None
     for cname, cfg in configs:
         bwd = two_simplicial_bwd
-        if cfg and "module" in cfg:   # another version of triton_bwd.py (a file path), for A/B runs
+        if cfg and "module" in cfg:   # another version of bwd.py (a file path), for A/B runs
             cfg = dict(cfg)
             bwd = load_module(cfg.pop("module")).two_simplicial_bwd
             cfg = cfg or None

@@ -1,4 +1,4 @@
-"""Device script for the Triton forward (twosimplicial/ops/triton_fwd.py): check, then time variants.
+"""Device script for the Triton forward (twosimplicial/ops/triton/fwd.py): check, then time variants.
 
     python3 -m benchmarks.tuning.bench_fwd_variants [--variants NAME,...] [--cases CASE[:V1+V2],...]
 
@@ -23,7 +23,7 @@ import triton
 from benchmarks.bench_kernels import n_triples
 from benchmarks.tuning.bench_bwd_variants import load_module
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention
-from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+from twosimplicial.ops.triton.fwd import two_simplicial_fwd
 
 CASES = {  # name: (B, S, Hq, Hkv, D, Dv, w1, w2); FLOPs counted at head dim min(D, Dv)
     "gqa64": (2, 8192, 64, 1, 128, 128, 512, 32),
@@ -55,7 +55,7 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
 
 
 def variant(name):
-    """A config of VARIANTS, or ``file:PATH``: another copy of triton_fwd.py (carried to the
+    """A config of VARIANTS, or ``file:PATH``: another copy of fwd.py (carried to the
     device) with its defaults, for A/B runs against an earlier version."""
     if name.startswith("file:"):
         return {"module": name[5:]}
@@ -76,9 +76,9 @@ def report_kernels():
     import subprocess
     import tempfile
 
-    from twosimplicial.ops.triton_fwd import _kernel
+    from twosimplicial.ops.triton.fwd import _two_simplicial_fwd_kernel
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    for caches in _kernel(False).device_caches.values():   # this module's kernel only
+    for caches in _two_simplicial_fwd_kernel.device_caches.values():   # this module's kernel only
         for key, k in caches[0].items():
             line = (f"kernel regs {k.n_regs} spills {k.n_spills} smem {k.metadata.shared} "
                     f"warps {k.metadata.num_warps} stages {k.metadata.num_stages} key {str(key)[-160:]}")

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from twosimplicial.ops.triton_bwd import two_simplicial_bwd
-from twosimplicial.ops.triton_fwd import two_simplicial_fwd
+from twosimplicial.ops.triton.bwd import two_simplicial_bwd
+from twosimplicial.ops.triton.fwd import two_simplicial_fwd
 
 CASES = {"gqa64": (2, 64, 1, 128), "mha": (1, 16, 16, 128), "mha-d64": (2, 16, 16, 64)}   # B, Hq, Hkv, D
 

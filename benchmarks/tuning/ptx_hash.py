@@ -98,17 +98,15 @@ class _Compile:
 
 def _hook(sink):
     """Make the host code choose the GPU's configurations and kernels, and compile, not launch:
-    returns (forward, backward) entry points on the canonical problem."""
-    import twosimplicial.ops.triton_bwd as bwd
-    import twosimplicial.ops.triton_fwd as fwd
-    fwd_config, bwd_config = fwd.fwd_config, bwd._config
-    fwd.fwd_config = lambda gkv, ws, D, Dv, interpret, **k: fwd_config(gkv, ws, D, Dv, False, **k)
-    bwd._config = lambda device, *a, **k: bwd_config(torch.device("cuda"), *a, **k)
-    fwd_kernel = triton.jit(fwd._two_simplicial_fwd_kernel)
-    fwd._kernel = lambda interpret: _Compile(fwd_kernel, sink, {})
+    returns (forward, backward) entry points."""
+    from twosimplicial.ops.triton import bwd, fwd
+    fwd_config, bwd_config = fwd.fwd_config, bwd.bwd_config
+    fwd.fwd_config = lambda gqa, ws, D, Dv, interpret, **k: fwd_config(gqa, ws, D, Dv, False, **k)
+    bwd.bwd_config = lambda device, *a, **k: bwd_config(torch.device("cuda"), *a, **k)
+    fwd.kernel = lambda fn, device: _Compile(fn, sink, {})
     # GPU-only constants the host code derives from the tensors' device: the delta kernel's
     # block of positions, the rows kernel's bf16 0/1-matrix products
-    bwd._kernel = lambda fn, device: _Compile(fn, sink, {"BS": 64, "ONEHOT_BF16": True})
+    bwd.kernel = lambda fn, device: _Compile(fn, sink, {"BS": 64, "ONEHOT_BF16": True})
     return fwd.two_simplicial_fwd, bwd.two_simplicial_bwd
 
 

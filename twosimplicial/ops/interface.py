@@ -2,7 +2,7 @@
 
 Shapes and dtypes are checked once here, and the problem's decisions (window roles, GQA
 ratio, precision, empty input) are made once, in a :class:`~twosimplicial.ops.plan.Plan`;
-the backends (``chunked`` in PyTorch, ``triton_op`` on NVIDIA GPUs) receive validated
+the backends (``chunked`` in PyTorch, ``triton.op`` on NVIDIA GPUs) receive validated
 trilinear inputs and that plan.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def check_options(scale, form, return_lse, D) -> float:
 
 # The Triton backend module, or None where the ``triton`` package is not installed. Decided once,
 # at import: a lookup inside the op would be traced by torch.compile and break the graph.
-_TRITON_OP = importlib.import_module(".triton_op", __package__) if importlib.util.find_spec("triton") else None
+_TRITON_OP = importlib.import_module(".triton.op", __package__) if importlib.util.find_spec("triton") else None
 
 
 def _pick_backend(backend, q):

@@ -39,7 +39,7 @@ class Plan:
     precision: str
 
     @property
-    def G(self) -> int:
+    def gqa(self) -> int:
         """Query heads per key/value head (1: MHA; Hq: MQA)."""
         return self.Hq // self.Hkv
 

@@ -1,4 +1,5 @@
 """Triton backward of 2-simplicial attention (trilinear form): docs/math.md, Gradients and Virtual rows.
+Names: the vocabulary of ``common.py`` (shared with the forward).
 
 Virtual rows. The plan (``ops/plan.py``) names the smaller window ``s`` (size ``ws``) and the larger ``b``
 (size ``wb``); the op is symmetric under swapping ``(k1, v1, w1)`` with ``(k2, v2, w2)``.
@@ -47,7 +48,7 @@ Extra memory: Delta ``[B, Hq, S]`` and the partial buffers, about
 Precision: products in the input dtype (bf16/fp16) with fp32 accumulation; fp32 inputs use
 tf32 tensor cores only when ``allow_tf32`` (``torch.backends.cuda.matmul.allow_tf32`` at the
 op level), else IEEE fp32 products. The logits are ``qk_scale * <z, k_b>`` in log2 units with
-z = q * k_s (``triton_fwd.z_scaling``: the sign of the scale rides on z) and the scale applied
+z = q * k_s (``common.z_scaling``: the sign of the scale rides on z) and the scale applied
 in the exp2 argument (one FFMA); that argument is clamped at 0 (P <= 1), so no input overflows
 it. z is rounded once to the input dtype for the tensor cores, exactly as in the forward (fp16
 needs |q_d k_s,d| < 65504): with bf16 inputs and logits of size ~1e4
@@ -58,28 +59,27 @@ fp16: P and dS are rounded to fp16 for the products (as in
 FlashAttention), so gradients past fp16's range overflow. Measured errors and speed: docs/kernels.md.
 
 Deterministic: same inputs give bitwise the same gradients (no atomics; every sum has a fixed
-order). On CPU tensors the kernels run under the Triton interpreter (whatever TRITON_INTERPRET
-said when this module was imported).
+order). On CPU tensors the kernels run under the Triton interpreter (``common.kernel``, as the
+forward's).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import types
 
 import torch
 import triton
 import triton.language as tl
 
-from .plan import Plan, make_plan
-from .triton_fwd import _SUM, _pow2, z_scaling
+from ..plan import Plan, make_plan
+from .common import kernel, pack_rows, padded, pow2, strides, sum_combine, z_scaling
 
 
 @triton.jit
-def _delta(DO, O, DELTA, sdob, sdos, sdoh, sob, sos, soh, S, HQ,
+def _delta(DO, O, DELTA, sdo, so, S, HQ,
            DV: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr):
     """Delta_i = <dO_i, O_i> in fp32 for BS positions of one (batch, head): ``DELTA [B, Hq, S]``.
-    (tl.reduce with triton_fwd's combine function, which the interpreter can run.)"""
+    (tl.reduce with common's combine function, which the interpreter can run.)"""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -87,27 +87,27 @@ def _delta(DO, O, DELTA, sdob, sdos, sdoh, sob, sos, soh, S, HQ,
     ii = pid_s * BS + tl.arange(0, BS)
     ee = tl.arange(0, DV_PAD)
     m = (ii < S)[:, None] & (ee < DV)[None, :]
-    do = tl.load(DO + b * sdob + ii[:, None] * sdos + h * sdoh + ee[None, :], mask=m, other=0.0)
-    o = tl.load(O + b * sob + ii[:, None] * sos + h * soh + ee[None, :], mask=m, other=0.0)
-    dlt = tl.reduce(do.to(tl.float32) * o.to(tl.float32), 1, _SUM)
+    do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + h * sdo[2] + ee[None, :], mask=m, other=0.0)
+    o = tl.load(O + b * so[0] + ii[:, None] * so[1] + h * so[2] + ee[None, :], mask=m, other=0.0)
+    dlt = tl.reduce(do.to(tl.float32) * o.to(tl.float32), 1, sum_combine)
     tl.store(DELTA + pid_bh * S + ii, dlt, mask=ii < S)
 
 
 @triton.jit
-def _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
-                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                S, HQ, dd, ee, dmask, emask, NEG_Z: tl.constexpr):
+def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dmask, emask, NEG_Z: tl.constexpr):
     """A rows-kernel tile's per-row inputs: z = q_i * k_s[l] (-z if NEG_Z; logits in log2
-    units are qk_scale * <z, k_b>, triton_fwd.z_scaling), dO' = dO_i * v_s[l] (both rounded once
+    units are qk_scale * <z, k_b>, common.z_scaling), dO' = dO_i * v_s[l] (both rounded once
     to the input dtype: packed 16-bit multiplies), Lse_i * log2(e) and Delta_i.
     Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
-    q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
+    Q, KS, VS, DO, LSE, DELTA = ROW_IN
+    sq, sks, svs, sdo = ROW_STRIDES
+    q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :],
                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
-    ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
+    ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :],
                  mask=rvalid[:, None] & dmask[None, :], other=0.0)
-    do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
+    do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + hq[:, None] * sdo[2] + ee[None, :],
                  mask=rvalid[:, None] & emask[None, :], other=0.0)
-    vs = tl.load(VS + b * svsb + l[:, None] * svss + g * svsh + ee[None, :],
+    vs = tl.load(VS + b * svs[0] + l[:, None] * svs[1] + hk * svs[2] + ee[None, :],
                  mask=rvalid[:, None] & emask[None, :], other=0.0)
     lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
     dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
@@ -133,9 +133,7 @@ def _tile_at(it, j0, n_t, BI: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
-                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                 S, HQ, G, WS, dd, ee, dmask, emask,
+def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee, dmask, emask,
                  BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, NEG_Z: tl.constexpr):
     """The keys kernel's tile inputs (rows r = (p, hh, tt), offset fastest) from compact loads:
     q, dO once per (position, head) ``[BI, BH, D]``, k_s, v_s once per (position, offset)
@@ -146,22 +144,24 @@ def _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
     Lse and Delta per (position, head). Rows of offsets that do not exist (l < 0, t >= ws) get
     k_s = v_s = 0, so z = dO' = 0 and they add nothing to dk_b, dv_b; rows of positions or
     heads that do not exist get lse = inf (P = 0)."""
+    Q, KS, VS, DO, LSE, DELTA = ROW_IN
+    sq, sks, svs, sdo = ROW_STRIDES
     BM: tl.constexpr = BI * BH * BT
     p = tl.arange(0, BI)
     hh = tl.arange(0, BH)
     tt = tl.arange(0, BT)
     ii = i0 + p
-    hq = g * G + h0 + hh
-    qok = (ii[:, None] < S) & ((h0 + hh)[None, :] < G)                       # [BI, BH]
+    hq = hk * GQA + h0 + hh
+    qok = (ii[:, None] < S) & ((h0 + hh)[None, :] < GQA)                       # [BI, BH]
     l = ii[:, None] - t0 - tt[None, :]                                         # [BI, BT]
     lok = (l >= 0) & ((t0 + tt)[None, :] < WS) & (ii[:, None] < S)
-    q = tl.load(Q + b * sqb + ii[:, None, None] * sqs + hq[None, :, None] * sqh + dd[None, None, :],
+    q = tl.load(Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2] + dd[None, None, :],
                 mask=qok[:, :, None] & dmask[None, None, :], other=0.0)
-    do = tl.load(DO + b * sdob + ii[:, None, None] * sdos + hq[None, :, None] * sdoh + ee[None, None, :],
+    do = tl.load(DO + b * sdo[0] + ii[:, None, None] * sdo[1] + hq[None, :, None] * sdo[2] + ee[None, None, :],
                  mask=qok[:, :, None] & emask[None, None, :], other=0.0)
-    ks = tl.load(KS + b * sksb + l[:, :, None] * skss + g * sksh + dd[None, None, :],
+    ks = tl.load(KS + b * sks[0] + l[:, :, None] * sks[1] + hk * sks[2] + dd[None, None, :],
                  mask=lok[:, :, None] & dmask[None, None, :], other=0.0)
-    vs = tl.load(VS + b * svsb + l[:, :, None] * svss + g * svsh + ee[None, None, :],
+    vs = tl.load(VS + b * svs[0] + l[:, :, None] * svs[1] + hk * svs[2] + ee[None, None, :],
                  mask=lok[:, :, None] & emask[None, None, :], other=0.0)
     if NEG_Z:
         ks = -ks
@@ -177,18 +177,16 @@ def _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
 
 
 @triton.jit
-def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
-               sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-               S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask,
+def _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
+               S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask,
                BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, MASK: tl.constexpr,
                PRECISION: tl.constexpr, NEG_Z: tl.constexpr):
     """One row tile (positions i0 + p, heads h0 + hh, offsets t0 + tt; r = (p, hh, tt), offset
     fastest) against the program's key block: dk_b += dS^T z, dv_b += P^T dO'. MASK: keys
     outside a row's window are skipped; without it every key must be in every row's window."""
     ii = i0 + r // (BT * BH)
-    z, dop, lse2, dlt = _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
-                                     sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                     S, HQ, G, WS, dd, ee, dmask, emask, BI, BH, BT, NEG_Z)
+    z, dop, lse2, dlt = _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee, dmask, emask,
+                                     BI, BH, BT, NEG_Z)
     # S^T = k_b z^T;  P^T = exp2(qk_scale S^T - Lse_i log2 e), zero outside the windows
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
@@ -209,10 +207,8 @@ def _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, 
 @triton.jit
 def _bwd_big_keys(
     Q, KS, VS, KB, VB, DO, LSE, DELTA, DKB, DVB,
-    sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh,
-    skbb, skbs, skbh, svbb, svbs, svbh, sdob, sdos, sdoh,
-    sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
-    S, HQ, HKV, G, WS, WB, qk_scale, dk_scale,
+    sq, sks, svs, skb, svb, sdo, sdk, sdv,
+    S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
     PRECISION: tl.constexpr, NEG_Z: tl.constexpr,
@@ -222,7 +218,7 @@ def _bwd_big_keys(
     pid_j = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
-    g = pid_bg % HKV
+    hk = pid_bg % HKV
     j0 = pid_j * BN
     jj = j0 + tl.arange(0, BN)
     jvalid = jj < S
@@ -231,12 +227,13 @@ def _bwd_big_keys(
     dmask = dd < D
     emask = ee < DV
 
-    kb = tl.load(KB + b * skbb + jj[:, None] * skbs + g * skbh + dd[None, :],
+    kb = tl.load(KB + b * skb[0] + jj[:, None] * skb[1] + hk * skb[2] + dd[None, :],
                  mask=jvalid[:, None] & dmask[None, :], other=0.0)
-    vb = tl.load(VB + b * svbb + jj[:, None] * svbs + g * svbh + ee[None, :],
+    vb = tl.load(VB + b * svb[0] + jj[:, None] * svb[1] + hk * svb[2] + ee[None, :],
                  mask=jvalid[:, None] & emask[None, :], other=0.0)
     dk = tl.full([BN, D_PAD], 0.0, tl.float32)
     dv = tl.full([BN, DV_PAD], 0.0, tl.float32)
+    ROW_IN, ROW_STRIDES = (Q, KS, VS, DO, LSE, DELTA), (sq, sks, svs, sdo)     # what the rows read
 
     # virtual row r of a tile = (position p, head hh, offset tt), offset fastest
     r = tl.arange(0, BI * BH * BT)
@@ -250,33 +247,30 @@ def _bwd_big_keys(
     m_end = (i_hi - j0 + BI - 1) // BI
     m_a = tl.minimum((BN - 1 + BI - 1) // BI, m_end)
     m_c = tl.maximum(tl.minimum(WB // BI, m_end), m_a)
-    for h0 in range(0, G, BH):
+    for h0 in range(0, GQA, BH):
         for it in range(0, m_a * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
-            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
-                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
+            dk, dv = _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
+                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
         for it in range(m_a * n_t, m_c * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
-            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
-                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, False, PRECISION, NEG_Z)
+            dk, dv = _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
+                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, False, PRECISION, NEG_Z)
         for it in range(m_c * n_t, m_end * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
-            dk, dv = _keys_tile(Q, KS, VS, DO, LSE, DELTA, kb, vb, dk, dv, b, g, h0, i0, t0, jj, r,
-                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                S, HQ, G, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
+            dk, dv = _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
+                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
 
     # dk_b = scale * sum dS (q * k_s) = |scale| * sum dS z  (z carries the sign of scale)
     dk = dk * dk_scale
-    tl.store(DKB + b * sdkb + jj[:, None] * sdks + g * sdkh + dd[None, :],
+    tl.store(DKB + b * sdk[0] + jj[:, None] * sdk[1] + hk * sdk[2] + dd[None, :],
              dk.to(DKB.dtype.element_ty), mask=jvalid[:, None] & dmask[None, :])
-    tl.store(DVB + b * sdvb + jj[:, None] * sdvs + g * sdvh + ee[None, :],
+    tl.store(DVB + b * sdv[0] + jj[:, None] * sdv[1] + hk * sdv[2] + ee[None, :],
              dv.to(DVB.dtype.element_ty), mask=jvalid[:, None] & emask[None, :])
 
 
 @triton.jit
-def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
+def _rows_block(z, dop, dz, acc, KB, VB, b, hk, skb, svb,
                 j0, masked, ii, lse2, dlt, S, WB, qk_scale, dd, ee, dmask, emask,
                 BN: tl.constexpr, PRECISION: tl.constexpr):
     """One key block [j0, j0 + BN) of a row tile: dz += dS k_b (unscaled), acc += P v_b.
@@ -285,8 +279,8 @@ def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svb
     block must be in every row's window. Keys are loaded at indices clamped into [0, S)."""
     jj = j0 + tl.arange(0, BN)
     jl = tl.minimum(tl.maximum(jj, 0), S - 1)
-    kb = tl.load(KB + b * skbb + jl[:, None] * skbs + g * skbh + dd[None, :], mask=dmask[None, :], other=0.0)
-    vb = tl.load(VB + b * svbb + jl[:, None] * svbs + g * svbh + ee[None, :], mask=emask[None, :], other=0.0)
+    kb = tl.load(KB + b * skb[0] + jl[:, None] * skb[1] + hk * skb[2] + dd[None, :], mask=dmask[None, :], other=0.0)
+    vb = tl.load(VB + b * svb[0] + jl[:, None] * svb[1] + hk * svb[2] + ee[None, :], mask=emask[None, :], other=0.0)
     # P = exp2(qk_scale z k_b^T - Lse_i log2 e) inside both windows, else 0
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     s = tl.dot(z, tl.trans(kb), input_precision=PRECISION)
@@ -306,14 +300,39 @@ def _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svb
 
 
 @triton.jit
+def _onehot_sum(acc, onehot, x, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc + onehot @ x``: rows of ``x`` summed as a 0/1 matrix selects them, fp32 accumulation.
+    ONEHOT_BF16 (GPU): bf16 products, one (x rounded to bf16) or, with SPLIT, two of x's hi and
+    lo bf16 parts (~16 mantissa bits); else (the interpreter gets bf16 dots wrong) one IEEE fp32
+    product."""
+    if ONEHOT_BF16:
+        oh = onehot.to(tl.bfloat16)
+        x_hi = x.to(tl.bfloat16)
+        acc += tl.dot(oh, x_hi)
+        if SPLIT:
+            acc += tl.dot(oh, (x - x_hi.to(tl.float32)).to(tl.bfloat16))
+    else:
+        acc += tl.dot(onehot.to(tl.float32), x, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _slice_add(PART, slot, smask, xx, onehot, x, X_PAD: tl.constexpr, ONEHOT_BF16: tl.constexpr,
+               SPLIT: tl.constexpr):
+    """A tile's skewed sum ``onehot @ x`` added into the program's slice of a partial buffer
+    (rows ``slot`` of ``X_PAD`` values, where ``smask``)."""
+    part = _onehot_sum(tl.full([onehot.shape[0], X_PAD], 0.0, tl.float32), onehot, x, ONEHOT_BF16, SPLIT)
+    old = tl.load(PART + slot[:, None] * X_PAD + xx[None, :], mask=smask[:, None], other=0.0)
+    tl.store(PART + slot[:, None] * X_PAD + xx[None, :], old + part, mask=smask[:, None])
+
+
+@triton.jit
 def _bwd_rows(
     Q, KS, VS, KB, VB, DO, LSE, DELTA, DQ, DKS_PART, DVS_PART,
-    sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh,
-    skbb, skbs, skbh, svbb, svbs, svbh, sdob, sdos, sdoh,
-    sdqb, sdqs, sdqh,
-    S, HQ, HKV, G, NHB, NP, NB, WS, WB, qk_scale, scale,
+    sq, sks, svs, skb, svb, sdo, sdq,
+    S, HQ, HKV, GQA, NHB, NP, NB, WS, WB, qk_scale, scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, LB: tl.constexpr, QB: tl.constexpr,
+    BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, LB: tl.constexpr, NQ_PAD: tl.constexpr,
     PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr,
     NEG_Z: tl.constexpr,
 ):
@@ -322,7 +341,7 @@ def _bwd_rows(
     pid_bh = tl.program_id(1)
     b = pid_bh // (HKV * NHB)
     hb = pid_bh % (HKV * NHB)
-    g = hb // NHB                          # kv head
+    hk = hb // NHB                          # kv head
     h0 = (hb % NHB) * BH                   # first head of the block, inside the group
     I0 = pid_p * NB
     dd = tl.arange(0, D_PAD)
@@ -330,17 +349,19 @@ def _bwd_rows(
     dmask = dd < D
     emask = ee < DV
 
+    ROW_IN, ROW_STRIDES = (Q, KS, VS, DO, LSE, DELTA), (sq, sks, svs, sdo)     # what the rows read
+
     BM: tl.constexpr = BI * BH * BT
     r = tl.arange(0, BM)
     tt = r % BT
     hh = (r // BT) % BH
     pp = r // (BT * BH)
-    hq = g * G + h0 + hh
-    hvalid = (h0 + hh) < G
-    # dq rows of a tile: (position, head) = r // BT, QB of them (padded to 16 for tl.dot)
-    rq = tl.arange(0, QB)
-    hq_q = g * G + h0 + rq % BH
-    hvalid_q = ((h0 + rq % BH) < G) & (rq < BI * BH)
+    hq = hk * GQA + h0 + hh
+    hvalid = (h0 + hh) < GQA
+    # dq rows of a tile: (position, head) = r // BT, NQ_PAD of them (padded to 16 for tl.dot)
+    rq = tl.arange(0, NQ_PAD)
+    hq_q = hk * GQA + h0 + rq % BH
+    hvalid_q = ((h0 + rq % BH) < GQA) & (rq < BI * BH)
     # small keys of a tile: l = i0 - t0 - (BT - 1) + l_local, l_local in [0, BI + BT - 1)
     lloc = tl.arange(0, LB)
     LSLOT = NB + WS - 1                    # slice: small keys l in [I0 - ws + 1, I0 + NB)
@@ -351,7 +372,7 @@ def _bwd_rows(
     i_end = tl.minimum(I0 + NB, S)
     for i0 in range(I0, i_end, BI):
         ii = i0 + pp
-        dq = tl.full([QB, D_PAD], 0.0, tl.float32)
+        dq = tl.full([NQ_PAD, D_PAD], 0.0, tl.float32)
         j_lo = tl.maximum(i0 - WB + 1, 0)
         j_hi = tl.minimum(i0 + BI, S)
         for t0 in range(0, WS, BT):
@@ -363,13 +384,11 @@ def _bwd_rows(
             # loop spills about half as much; for tiles of several positions the broadcast z
             # goes to shared memory by 16-bit stores, so they keep the per-row loads
             if BI == 1:
-                z, dop, lse2, dlt = _keys_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, h0, i0, t0,
-                                                 sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                                 S, HQ, G, WS, dd, ee, dmask, emask, BI, BH, BT, NEG_Z)
+                z, dop, lse2, dlt = _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS,
+                                                 dd, ee, dmask, emask, BI, BH, BT, NEG_Z)
             else:
-                z, dop, lse2, dlt = _row_inputs(Q, KS, VS, DO, LSE, DELTA, b, g, ii, hq, l, rvalid,
-                                                sqb, sqs, sqh, sksb, skss, sksh, svsb, svss, svsh, sdob, sdos, sdoh,
-                                                S, HQ, dd, ee, dmask, emask, NEG_Z)
+                z, dop, lse2, dlt = _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ,
+                                                dd, ee, dmask, emask, NEG_Z)
             if BI > 1:
                 # z, dO' pass through a select on rvalid: a no-op on the values (rows outside the
                 # problem are zero already), but it keeps the compiler from converting q, k_s,
@@ -394,7 +413,7 @@ def _bwd_rows(
             # one loop for all three kinds, the mask a runtime flag: Triton pipelines each loop
             # separately (a loop per kind waits for each one's first loads in full)
             for k in range(0, n_blk):
-                dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, g, skbb, skbs, skbh, svbb, svbs, svbh,
+                dz, acc = _rows_block(z, dop, dz, acc, KB, VB, b, hk, skb, svb,
                                       j_hi - (k + 1) * BN, (k < k_first) | (k >= k_int), ii, lse2, dlt,
                                       S, WB, qk_scale, dd, ee, dmask, emask, BN, PRECISION)
             dz = dz * scale
@@ -419,76 +438,27 @@ def _bwd_rows(
             onehot = lglob[:, None] == l[None, :]                                # [LB, BM]
             onehot_q = ((i0 + rq // BH)[:, None] == ii[None, :]) & ((rq % BH)[:, None] == hh[None, :])
             tl.debug_barrier()
-            do = tl.load(DO + b * sdob + ii[:, None] * sdos + hq[:, None] * sdoh + ee[None, :],
+            do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + hq[:, None] * sdo[2] + ee[None, :],
                          mask=rvalid[:, None] & emask[None, :], other=0.0, cache_modifier=".ca")
-            ev = acc * do.to(tl.float32)
-            if ONEHOT_BF16:
-                oh = onehot.to(tl.bfloat16)
-                ev_hi = ev.to(tl.bfloat16)
-                part_v = tl.dot(oh, ev_hi)
-                if SPLIT:
-                    part_v += tl.dot(oh, (ev - ev_hi.to(tl.float32)).to(tl.bfloat16))
-            else:
-                part_v = tl.dot(onehot.to(tl.float32), ev, input_precision="ieee")
-            old_v = tl.load(pv + slot[:, None] * DV_PAD + ee[None, :], mask=smask[:, None], other=0.0)
-            tl.store(pv + slot[:, None] * DV_PAD + ee[None, :], old_v + part_v, mask=smask[:, None])
-            q = tl.load(Q + b * sqb + ii[:, None] * sqs + hq[:, None] * sqh + dd[None, :],
+            _slice_add(pv, slot, smask, ee, onehot, acc * do.to(tl.float32), DV_PAD, ONEHOT_BF16, SPLIT)
+            q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :],
                         mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
-            ek = dz * q.to(tl.float32)
-            if ONEHOT_BF16:
-                ek_hi = ek.to(tl.bfloat16)
-                part_k = tl.dot(oh, ek_hi)
-                if SPLIT:
-                    part_k += tl.dot(oh, (ek - ek_hi.to(tl.float32)).to(tl.bfloat16))
-            else:
-                part_k = tl.dot(onehot.to(tl.float32), ek, input_precision="ieee")
-            old_k = tl.load(pk + slot[:, None] * D_PAD + dd[None, :], mask=smask[:, None], other=0.0)
-            tl.store(pk + slot[:, None] * D_PAD + dd[None, :], old_k + part_k, mask=smask[:, None])
-            ks = tl.load(KS + b * sksb + l[:, None] * skss + g * sksh + dd[None, :],
+            _slice_add(pk, slot, smask, dd, onehot, dz * q.to(tl.float32), D_PAD, ONEHOT_BF16, SPLIT)
+            ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :],
                          mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
-            eq = dz * ks.to(tl.float32)
-            if ONEHOT_BF16:
-                ohq = onehot_q.to(tl.bfloat16)
-                eq_hi = eq.to(tl.bfloat16)
-                dq += tl.dot(ohq, eq_hi)
-                if SPLIT:
-                    dq += tl.dot(ohq, (eq - eq_hi.to(tl.float32)).to(tl.bfloat16))
-            else:
-                dq += tl.dot(onehot_q.to(tl.float32), eq, input_precision="ieee")
+            dq = _onehot_sum(dq, onehot_q, dz * ks.to(tl.float32), ONEHOT_BF16, SPLIT)
         iq = i0 + rq // BH
-        tl.store(DQ + b * sdqb + iq[:, None] * sdqs + hq_q[:, None] * sdqh + dd[None, :],
+        tl.store(DQ + b * sdq[0] + iq[:, None] * sdq[1] + hq_q[:, None] * sdq[2] + dd[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(hvalid_q & (iq < S))[:, None] & dmask[None, :])
 
 
-_INTERPRETED = {}
-
-
-def _kernel(fn, device: torch.device):
-    """The jitted kernel on CUDA; on CPU the same source under the Triton interpreter, with the
-    jitted helpers it calls (``_keys_tile``, ``_keys_inputs``, ``_rows_block``, ``_row_inputs``) interpreted too
-    (in a copy of the module's globals, so the compiled path in the same process is untouched)."""
-    if device.type == "cuda":
-        return fn
-    from triton.runtime.interpreter import InterpretedFunction
-    if fn not in _INTERPRETED:
-        # every jitted function of the module, rebuilt over one shared copy of its globals, so
-        # helpers called from helpers are interpreted too
-        env = dict(fn.fn.__globals__)
-        for name, v in fn.fn.__globals__.items():
-            if isinstance(v, triton.runtime.JITFunction):
-                env[name] = InterpretedFunction(
-                    types.FunctionType(v.fn.__code__, env, v.fn.__name__, v.fn.__defaults__, v.fn.__closure__))
-        _INTERPRETED[fn] = env[fn.fn.__name__]
-    return _INTERPRETED[fn]
-
-
-def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, shrink: int = 0):
+def bwd_config(device: torch.device, ws: int, gqa: int, D: int, DV: int, elt: int, shrink: int = 0):
     """Tile sizes. Rows kernel: BM = BI * BH * BT rows (positions x heads x offsets) against
     BN keys (32 for 16-bit D = 128: the smaller S and dP tiles leave registers for dz and acc).
     Keys kernel: KBN keys against KBI * KBH * KBT rows (positions x heads x offsets).
     Wider rows (fp32, head dims past 128) get smaller tiles; ``shrink`` halves them again."""
     if device.type == "cuda":
-        row_bytes = max(_pow2(D), _pow2(DV)) * elt
+        row_bytes = max(pow2(D), pow2(DV)) * elt
         bm, bn = (128, 64) if row_bytes <= 256 else (64, 32) if row_bytes <= 512 else (32, 16)
         bm, bn = max(16, bm >> shrink), max(16, bn >> shrink)
         warps, stages, nb_min = (8 if bm == 128 else 4), 2, 64
@@ -501,10 +471,8 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
     else:
         bm, bn, warps, stages, nb_min = 16, 16, 4, 1, 16
         kbn, kbm, k_stages, deep = 16, 16, 1, False
-    bt = min(_pow2(ws), bm)
-    bh = min(_pow2(G), bm // bt)
-    bi = bm // (bt * bh)
-    if deep and bi > 1 and bt > 16 and _pow2(bi + bt - 1) > bt:
+    bi, bh, bt = pack_rows(bm, gqa, ws)
+    if deep and bi > 1 and bt > 16 and pow2(bi + bt - 1) > bt:
         # a tile of several positions reaches bi + bt - 1 small keys: halving the offsets per
         # tile (twice the positions) keeps that within bt rows instead of 2 bt, which halves
         # the 0/1 products of the dk_s / dv_s sums (MHA: 35 -> 23 keys, 64 -> 32 rows)
@@ -515,20 +483,16 @@ def _config(device: torch.device, ws: int, G: int, D: int, DV: int, elt: int, sh
         # were slower with it
         stages = 3
     # keys kernel: at most 16 offsets per tile (more positions or heads instead), faster than
-    # 32 on both GQA and MHA; heads per tile: a power of two that divides G, so that no tile
+    # 32 on both GQA and MHA; heads per tile: a power of two that divides gqa, so that no tile
     # row is a padding head. Wide rows (the determinant form's 256-wide head) keep up to 32
     # offsets, and the rows kernel its tiles: both rules made that case slower.
-    kbt = min(_pow2(ws), kbm, 16 if deep else kbm)
-    kbh = min(G & -G, kbm // kbt)
+    kbt = min(pow2(ws), kbm, 16 if deep else kbm)
+    kbh = min(gqa & -gqa, kbm // kbt)
     return dict(BI=bi, BH=bh, BT=bt, BN=bn, NB_MIN=nb_min, num_warps=warps, num_stages=stages,
                 KBI=kbm // (kbt * kbh), KBH=kbh, KBT=kbt, KBN=kbn, k_warps=warps, k_stages=k_stages)
 
 
 _SHRINK = {}     # (dtype, D, Dv, precision) -> how often the tiles had to be halved to fit
-
-
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32, config=None):
@@ -537,7 +501,7 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     do, out ``[B, S, Hq, Dv]``; q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2
     ``[B, S, Hkv, Dv]``; lse ``[B, Hq, S]`` float32 (natural log) from the forward.
     Gradients come back in the inputs' dtypes and shapes. ``config`` overrides keys of
-    :func:`_config` (tile sizes, stages) and ``concurrent`` (run the two kernels on two streams,
+    :func:`bwd_config` (tile sizes, stages) and ``concurrent`` (run the two kernels on two streams,
     see ``_launch``): for benchmarks and tests. The window roles come from
     :func:`~twosimplicial.ops.plan.make_plan`, as in the forward."""
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
@@ -548,7 +512,7 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
 def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=None):
     """:func:`two_simplicial_bwd` on the canonical problem (``(ks, vs)`` over the small window
     ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``): ``(dq, dks, dvs, dkb, dvb)``."""
-    B, S, HQ, D, DV, G, ws, wb = plan.B, plan.S, plan.Hq, plan.D, plan.Dv, plan.G, plan.ws, plan.wb
+    B, S, HQ, D, DV, ws, wb = plan.B, plan.S, plan.Hq, plan.D, plan.Dv, plan.ws, plan.wb
     if plan.empty:
         return tuple(torch.zeros_like(x) for x in (q, ks, vs, kb, vb))
     q, ks, vs, kb, vb, do, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, ks, vs, kb, vb, do, out))
@@ -556,12 +520,12 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
     # Delta_i = <dO_i, O_i>, [B, Hq, S] fp32
     delta = torch.empty(B, HQ, S, device=q.device, dtype=torch.float32)
     bs = 64 if q.device.type == "cuda" else 16
-    _kernel(_delta, q.device)[(triton.cdiv(S, bs), B * HQ)](
-        do, out, delta, *_strides(do), *_strides(out), S, HQ, DV=DV, DV_PAD=max(16, _pow2(DV)), BS=bs,
+    kernel(_delta, q.device)[(triton.cdiv(S, bs), B * HQ)](
+        do, out, delta, strides(do), strides(out), S, HQ, DV=DV, DV_PAD=padded(DV), BS=bs,
         num_warps=4)
     key = (q.dtype, D, DV, plan.precision)
     while True:
-        cfg = _config(q.device, ws, G, D, DV, q.element_size(), _SHRINK.get(key, 0))
+        cfg = bwd_config(q.device, ws, plan.gqa, D, DV, q.element_size(), _SHRINK.get(key, 0))
         cfg.update(config or {})
         try:
             dq, dkb, dvb, dks_part, dvs_part, NB = _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb,
@@ -581,19 +545,20 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
 def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     B, S, HQ, D = q.shape
     HKV, DV = ks.shape[2], vs.shape[3]
-    G = HQ // HKV
+    GQA = HQ // HKV
     BI, BH, BT, BN = cfg["BI"], cfg["BH"], cfg["BT"], cfg["BN"]
-    D_PAD, DV_PAD = max(16, _pow2(D)), max(16, _pow2(DV))
-    LB = max(16, _pow2(BI + BT - 1))
+    D_PAD, DV_PAD = padded(D), padded(DV)
+    LB = max(16, pow2(BI + BT - 1))
     neg_z, qk_scale = z_scaling(scale)        # the forward's rounding of z, so P is recomputed exactly
     kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision, NEG_Z=neg_z)
-    common = (*_strides(q), *_strides(ks), *_strides(vs), *_strides(kb), *_strides(vb), *_strides(do))
+    ins = (q, ks, vs, kb, vb, do, lse, delta)                       # both kernels' inputs, then
+    ins_strides = tuple(strides(x) for x in (q, ks, vs, kb, vb, do))  # their outputs, strides alike
 
     # rows kernel: NB positions per program, a multiple of BI and >= ws - 1 so that a slice
     # overlaps only its left neighbour's
     NB = BI * triton.cdiv(max(cfg["NB_MIN"], ws - 1), BI)
     NP = triton.cdiv(S, NB)
-    NHB = triton.cdiv(G, BH)
+    NHB = triton.cdiv(GQA, BH)
     LSLOT = NB + ws - 1
     dkb = torch.empty_like(kb)
     dvb = torch.empty_like(vb)
@@ -616,14 +581,14 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
         side.wait_stream(main)
     try:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            _kernel(_bwd_big_keys, q.device)[keys_grid](
-                q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, *common, *_strides(dkb), *_strides(dvb),
-                S, HQ, HKV, G, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
+            kernel(_bwd_big_keys, q.device)[keys_grid](
+                *ins, dkb, dvb, *ins_strides, strides(dkb), strides(dvb),
+                S, HQ, HKV, GQA, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
                 BN=cfg["KBN"], num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
-        _kernel(_bwd_rows, q.device)[(NP, B * HKV * NHB)](
-            q, ks, vs, kb, vb, do, lse, delta, dq, dks_part, dvs_part, *common, *_strides(dq),
-            S, HQ, HKV, G, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
-            QB=max(16, BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,
+        kernel(_bwd_rows, q.device)[(NP, B * HKV * NHB)](
+            *ins, dq, dks_part, dvs_part, *ins_strides, strides(dq),
+            S, HQ, HKV, GQA, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
+            NQ_PAD=padded(BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
     finally:
         if side is not None:

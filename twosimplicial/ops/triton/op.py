@@ -30,9 +30,9 @@ import os
 
 import torch
 
-from .plan import Plan, make_plan
-from .triton_bwd import two_simplicial_bwd
-from .triton_fwd import two_simplicial_fwd
+from ..plan import Plan, make_plan
+from .bwd import two_simplicial_bwd
+from .fwd import two_simplicial_fwd
 
 
 @torch.library.custom_op("twosimplicial::fwd", mutates_args=())

@@ -1,0 +1,107 @@
+"""What the forward (``fwd.py``) and backward (``bwd.py``) kernels share: one vocabulary, the
+scale convention, the row packing, the interpreter mechanism and the stride packing.
+
+Vocabulary (both kernels; docs/kernels.md, Virtual rows and the tile)::
+
+    B, S, HQ, HKV   batch, sequence length, query heads, key/value heads
+    GQA             query heads per kv head, HQ // HKV (1: MHA, HQ: MQA)
+    hk, hq          a kv head, a query head (hq = hk * GQA + head inside the group)
+    WS, WB          the small and the big window (``ops/plan.py``: ws <= wb); t an offset in
+                    [0, WS), l = i - t the small key of row (i, t), j a big-window key
+    D, DV           head dims of q, k and of v, out; D_PAD, DV_PAD the same padded to a power
+                    of two >= 16; dd, ee their index vectors, dmask, emask the real ones
+    BI, BH, BT      a tile of BM = BI * BH * BT virtual rows: BI positions x BH query heads of
+                    one kv group x BT offsets, row r = (p * BH + h) * BT + t (offset fastest);
+                    NQ = BI * BH (position, head) pairs per tile
+    BN              keys per big-window block (the forward's narrow right-edge blocks: BN2)
+    NHB             head blocks of BH heads per kv group
+    PRECISION       tl.dot's input_precision ("ieee" or "tf32"), from the plan
+    NEG_Z           the scale is negative: z = -(q * k_s) (:func:`z_scaling`)
+    Q, KS, VS, KB, VB, O, LSE, DO, ...  tensors (pointers), in the roles of the plan;
+    sq, sks, svs, skb, svb, so, sdo, ... their (batch, seq, head) strides, one tuple each
+                    (:func:`strides`), indexed [0], [1], [2]
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Row reductions go through tl.reduce with triton's own combine functions, tl.reduce(x, 1,
+# max_combine), instead of tl.max / tl.sum: those are @triton.jit helpers decorated when triton
+# was imported, and the interpreter cannot call them if TRITON_INTERPRET=1 was set only
+# afterwards (as the tests do), while it recognises these combine functions and reduces with
+# numpy. For the same reason the kernels call no other helper of triton.language.standard
+# (tl.cdiv, tl.zeros): tl.full instead of tl.zeros, integer arithmetic instead of tl.cdiv.
+max_combine = tl.standard._elementwise_max
+sum_combine = tl.standard._sum_combine
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def padded(n: int) -> int:
+    """A head dim padded for the kernels (``D_PAD``, ``DV_PAD``): a power of two >= 16."""
+    return max(16, pow2(n))
+
+
+def z_scaling(scale: float) -> tuple[bool, float]:
+    """How the kernels (forward and backward alike) apply ``scale``: the virtual query is the
+    plain product ``z = q * k_s`` (``-z`` for a negative scale: ``neg``), rounded once to the
+    input dtype, and the base-2 logits are ``qk_scale * <z, k_b>`` with ``qk_scale = |scale| *
+    log2(e) > 0``. A zero scale runs as 1e-30 (logits ~1e-28: the same uniform softmax in fp32)."""
+    return scale < 0, max(abs(float(scale)), 1e-30) * LOG2E
+
+
+def pack_rows(bm: int, gqa: int, ws: int) -> tuple[int, int, int]:
+    """Split a tile of ``bm`` rows into ``(BI, BH, BT)``: BT (offsets) takes as much of the small
+    window as fits, then BH query heads of the kv group, then BI positions."""
+    bt = min(pow2(ws), bm)
+    bh = min(pow2(gqa), bm // bt)
+    return bm // (bt * bh), bh, bt
+
+
+def strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """The (batch, seq, head) strides of a ``[B, S, H, D]`` tensor (the last is 1 in the kernels):
+    one tuple argument of a kernel."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+_INTERPRETED: dict = {}
+
+
+def kernel(fn, device: torch.device):
+    """``fn`` (a ``@triton.jit`` kernel) as it runs on ``device``: itself on CUDA; on CPU the same
+    source under the Triton interpreter (whatever TRITON_INTERPRET said when triton was
+    imported), with every jitted helper it reaches interpreted too, helpers called from helpers
+    included, in copies of their modules' globals, so that the compiled path in the same process
+    is untouched. Both kernels choose by the tensors' device, so forward and backward agree."""
+    if device.type == "cuda":
+        return fn
+    if fn not in _INTERPRETED:
+        _INTERPRETED[fn] = _interpreted(fn, {})
+    return _INTERPRETED[fn]
+
+
+def _interpreted(fn, envs: dict):
+    """``fn`` rebuilt under the interpreter over a copy of its module's globals (one copy per
+    module, in ``envs``), in which every jitted function of this project is rebuilt the same way."""
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(fn, triton.runtime.JITFunction):
+        return fn                                  # interpreted already (TRITON_INTERPRET=1 at import)
+    glb = fn.fn.__globals__
+    if id(glb) not in envs:
+        env = envs[id(glb)] = dict(glb)
+        for name, v in glb.items():
+            # triton's own functions stay as they are: the interpreter runs those itself, and
+            # recognises max_combine / sum_combine only by identity
+            if isinstance(v, triton.runtime.JITFunction) and not v.fn.__module__.startswith("triton."):
+                env[name] = _interpreted(v, envs)
+    f = fn.fn
+    return InterpretedFunction(types.FunctionType(f.__code__, envs[id(glb)], f.__name__, f.__defaults__, f.__closure__))
