@@ -514,6 +514,7 @@ def train(cfg: dict, resume: bool = False) -> dict:
     torch.manual_seed(seed)                               # same init on every rank
     model = TwoSimplicialLM(mcfg).to(device)
     raw = model
+    graphs = t.compile and t.compile_mode == "reduce-overhead" and device.type == "cuda"
     if t.compile:
         model.compile(fullgraph=True, mode=t.compile_mode)
     if d.world_size > 1:
@@ -616,6 +617,8 @@ def train(cfg: dict, resume: bool = False) -> dict:
                         sync = model.no_sync()
                 elif fsdp:
                     model.set_requires_gradient_sync(True)
+                if graphs:                                # CUDA graphs: a new replay may reuse the last one's buffers
+                    torch.compiler.cudagraph_mark_step_begin()
                 with sync, amp:
                     _, loss = model(x, y)
                 (loss / t.grad_accum).backward()
