@@ -123,10 +123,10 @@ def _prepare(q, ks, vs, kb, vb, ws, wb):
 
 
 def chunked_forward(q, ks, vs, kb, vb, ws, wb, scale):
-    """``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S])`` of the canonical problem (``(ks, vs)``
-    over the small window ``ws``, ``(kb, vb)`` over the big window ``wb >= ws``, both ``<= S``);
-    lse stays in the compute dtype (float64 for float64 inputs) so that the backward recomputes
-    P exactly."""
+    """``(out [B, S, Hq, Dv], lse [B, Hq, S])`` of the canonical problem (``(ks, vs)`` over the
+    small window ``ws``, ``(kb, vb)`` over the big window ``wb >= ws``, both ``<= S``), both in
+    the compute dtype (float32, or float64 for float64 inputs): the backward recomputes P from
+    this lse and takes Delta = <dO, O> from this unrounded output."""
     B, S, Hq, _ = q.shape
     Hkv, Dv = vs.shape[2], vs.shape[3]
     qh, ksp, vsp, kb, vb, chunk = _prepare(q, ks, vs, kb, vb, ws, wb)
@@ -144,7 +144,7 @@ def chunked_forward(q, ks, vs, kb, vb, ws, wb, scale):
         Y = torch.matmul(P.view(B, Hkv, -1, ch.shape[-1]), ch.vb)     # [B, H, C*G*ws, Dv]
         out[:, :, c0:c1] = (Y.view(*ch.shape[:5], Dv) * ch.vs[:, :, :, None]).sum(-2)
         lse[:, :, c0:c1] = m
-    out = out.transpose(2, 3).reshape(B, Hq, S, Dv).transpose(1, 2).to(q.dtype)
+    out = out.transpose(2, 3).reshape(B, Hq, S, Dv).transpose(1, 2)
     return out, lse.transpose(2, 3).reshape(B, Hq, S)
 
 
@@ -203,7 +203,7 @@ class ChunkedTwoSimplicial(torch.autograd.Function):
         ctx.args = (ws, wb, scale)
         lse32 = lse.float()
         ctx.mark_non_differentiable(lse32)
-        return out, lse32
+        return out.to(q.dtype), lse32
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -69,13 +69,13 @@ from .common import kernel, max_combine, pack_rows, padded, pow2, strides, sum_c
 
 @triton.jit
 def _two_simplicial_fwd_kernel(
-    Q, KS, VS, KB, VB, KB_DESC, VB_DESC, KB_DESC2, VB_DESC2, O, LSE,
+    Q, KS, VS, KB, VB, KB_DESC, VB_DESC, KB_DESC2, VB_DESC2, O, LSE, O32,
     sq, sks, svs, skb, svb, so, slse,
     S, HKV, GQA, NHB, WS, WB, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BN: tl.constexpr, BN2: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
     PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr, PREFETCH_VS: tl.constexpr, INT64_IDX: tl.constexpr,
-    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NEG_Z: tl.constexpr,
+    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NEG_Z: tl.constexpr, STORE_O32: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = D == D_PAD
     EVEN_DV: tl.constexpr = DV == DV_PAD
@@ -226,12 +226,19 @@ def _two_simplicial_fwd_kernel(
                                         other=0.0)
                 # s[r, j] = <z_r, k_b[j]>, so logit * log2(e) = qk_scale * s
                 s = tl.dot(z, tl.trans(k_blk), input_precision=PRECISION)
+                # In a masked block some keys are outside some rows' windows: their weight is 0,
+                # but 0 * nan = nan in the product P @ v_b would carry a non-finite value to rows
+                # that cannot see it, so masked blocks use v_b with non-finite entries zeroed (the
+                # op marks the outputs whose windows do hold one: interface.mark_nonfinite).
+                # Unmasked blocks are inside every real row's window and keep v_b as it is.
                 if stage == 0:
                     if kb_i >= n_full:             # left edge: j > i - wb and j >= 0 (j <= i0 <= i holds)
                         s = tl.where(j[None, :] > j_min[:, None], s, float("-inf"))
+                        v_blk = tl.where(tl.abs(v_blk) < float("inf"), v_blk, 0.0)
                 else:                              # right edge: causal, and inside the window
                     s = tl.where((j[None, :] <= ii[:, None]) & (j[None, :] > j_min[:, None]), s,
                                  float("-inf"))
+                    v_blk = tl.where(tl.abs(v_blk) < float("inf"), v_blk, 0.0)
                 # online softmax (base 2, qk_scale > 0 so max commutes with it):
                 # m' = max(m, qk_scale max_j s); acc = acc 2^(m-m') + 2^(qk_scale s - m') v_b
                 m_new = tl.maximum(m_i, tl.reduce(s, 1, max_combine) * qk_scale)
@@ -246,7 +253,7 @@ def _two_simplicial_fwd_kernel(
                 vb_e = tl.load(vb_base + j_e_ld * svb[1] + ee[None, :]).to(tl.float32)
             else:
                 vb_e = tl.load(vb_base + j_e_ld * svb[1] + ee[None, :], mask=emask[None, :], other=0.0).to(tl.float32)
-            acc = acc + p_e[:, None] * vb_e
+            acc = acc + tl.where(sees_e[:, None], p_e[:, None] * vb_e, 0.0)   # nothing for rows that cannot see it
 
         # (2) for this chunk: y_r = v_s[l] * acc_r, merged over the BT offsets of each query
         if not PREFETCH_VS:
@@ -257,10 +264,12 @@ def _two_simplicial_fwd_kernel(
         m_c = tl.reduce(m3, 1, max_combine)          # max over the chunk's offsets
         a3 = tl.math.exp2(m3 - m_c[:, None])
         L_c = tl.reduce(a3 * tl.reshape(l_sum, [NQ, BT]), 1, sum_combine)
-        # rows that do not exist get weight 0 (their acc is finite: z = 0 there), so y needs no
-        # select of its own
+        # rows that do not exist get weight 0, and their y is dropped by a select, not a product:
+        # their acc may hold a non-finite value of the big window (z = 0 there, so every key
+        # gets weight), and 0 * nan = nan
         a_r = tl.where(rvalid, tl.reshape(a3, [BM]), 0.0)
-        O_c = tl.reduce(tl.reshape(acc * vs_rows * a_r[:, None], [NQ, BT, DV_PAD]), 1, sum_combine)
+        y = tl.where(rvalid[:, None], acc * vs_rows * a_r[:, None], 0.0)
+        O_c = tl.reduce(tl.reshape(y, [NQ, BT, DV_PAD]), 1, sum_combine)
         # fold into the running merge across chunks
         M_new = tl.maximum(M_q, m_c)
         a_old = tl.math.exp2(M_q - M_new)
@@ -279,6 +288,9 @@ def _two_simplicial_fwd_kernel(
     o = O_q / L_safe[:, None]
     tl.store(O + b * so[0] + i_q[:, None] * so[1] + h_q[:, None] * so[2] + ee[None, :],
              o.to(O.dtype.element_ty), mask=ok_q[:, None] & emask[None, :])
+    if STORE_O32:      # the unrounded output, for the backward's Delta = <dO, O> (same layout as O)
+        tl.store(O32 + b * so[0] + i_q[:, None] * so[1] + h_q[:, None] * so[2] + ee[None, :],
+                 o, mask=ok_q[:, None] & emask[None, :])
     lse = (M_q + tl.math.log2(L_safe)) * 0.6931471805599453
     tl.store(LSE + b * slse[0] + h_q * slse[1] + i_q, lse, mask=ok_q)
 
@@ -325,7 +337,8 @@ def _kv_desc(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
-def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None):
+def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None,
+                       out32: torch.Tensor | None = None):
     """Forward of trilinear 2-simplicial attention.
 
     q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2 ``[B, S, Hkv, Dv]`` (any strides;
@@ -334,13 +347,15 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     ``config`` overrides the default launch configuration, for tuning (the knobs of
     :func:`fwd_config`: block_m, block_n, num_warps, num_stages) and for A/B tests and tests (the
     :data:`SWITCHES`). The window roles come from :func:`~twosimplicial.ops.plan.make_plan`, as
-    in the backward.
+    in the backward. ``out32`` (float32, contiguous ``[B, S, Hq, Dv]``), when given, also
+    receives the output before its rounding to q's dtype (the backward's Delta needs it).
     """
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
-    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config)
+    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config, out32)
 
 
-def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None):
+def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None,
+                  out32: torch.Tensor | None = None):
     """:func:`two_simplicial_fwd` on the canonical problem: ``(ks, vs)`` over the small window
     ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``."""
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
@@ -361,13 +376,14 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | No
     use_tma = all(d is not None for d in descs)
     neg_z, qk_scale = z_scaling(scale)
     kernel(_two_simplicial_fwd_kernel, q.device)[grid](
-        q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse,
+        q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse, out if out32 is None else out32,
         strides(q), strides(ks), strides(vs), strides(kb), strides(vb), strides(out), (lse.stride(0), lse.stride(1)),
         S, Hkv, plan.gqa, NHB, ws, wb, qk_scale,
         D=D, DV=Dv, D_PAD=padded(D), DV_PAD=padded(Dv), BN=BN, BN2=BN2, BI=BI, BH=BH, BT=BT,
         PRECISION=plan.precision, ONE_CHUNK=ws <= BT, PREFETCH_VS=bool(cfg["prefetch_vs"]),
         INT64_IDX=bool(cfg["int64_idx"]) or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, num_warps=cfg["num_warps"],
+        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, STORE_O32=out32 is not None,
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
     )
