@@ -281,31 +281,48 @@ def test_windows_past_int64_mean_the_whole_past(backend, monkeypatch):
     assert all(torch.isfinite(t.grad).all() for t in ins)
 
 
+def _check_non_finite(backend, device, dtype, name, value, S, w1, w2, p, Hq=2, Hkv=2, D=16):
+    """A non-finite value at position p (batch 1, kv head 0) makes exactly the outputs whose windows
+    hold p non-finite (q: row p; k1, v1: rows p .. p + w1 - 1; k2, v2: rows p .. p + w2 - 1), and
+    every other output equals the result with a finite value there."""
+    gen = torch.Generator().manual_seed(S + p)
+    shapes = {"q": (2, S, Hq, D)} | {n: (2, S, Hkv, D) for n in NAMES[1:]}
+    ins = [torch.randn(shapes[n], generator=gen).to(device, dtype) for n in NAMES]
+    clean = two_simplicial_attention(*ins, w1, w2, backend=backend)
+    ins[NAMES.index(name)][1, p, 0] = value
+    out = two_simplicial_attention(*ins, w1, w2, backend=backend)
+    w = {"q": 1, "k1": w1, "v1": w1, "k2": w2, "v2": w2}[name]
+    sees = torch.zeros(S, dtype=torch.bool, device=device)
+    sees[p : p + w] = True
+    heads = slice(0, 1) if name == "q" else slice(0, Hq // Hkv)        # the query heads of kv head 0
+    poisoned = ~torch.isfinite(out[1, :, heads]).all(-1).all(-1)
+    assert poisoned.tolist() == sees.tolist()
+    torch.testing.assert_close(out[0], clean[0])                        # the other batch row
+    torch.testing.assert_close(out[1, ~sees], clean[1, ~sees])          # rows that cannot see p
+    torch.testing.assert_close(out[1, :, heads.stop:], clean[1, :, heads.stop:])   # the other heads
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("S, w1, w2, p", [(24, 12, 4, 10), (12, 6, 3, 5), (24, 4, 12, 3), (24, 1, 1, 7),
                                           (9, 30, 2, 4), (17, 5, 5, 16)])
 def test_a_non_finite_input_reaches_only_the_outputs_that_see_it(backend, name, value, S, w1, w2, p, monkeypatch):
-    """A non-finite value at position p makes exactly the outputs whose windows hold p non-finite
-    (q: row p; k1, v1: rows p .. p + w1 - 1; k2, v2: rows p .. p + w2 - 1), and every other row
-    equals the result with a finite value there: masked keys contribute exactly nothing."""
     if backend == "triton":
         pytest.importorskip("triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    torch.manual_seed(S + p)
-    ins = [torch.randn(2, S, 2, 16) for _ in NAMES]
-    clean = two_simplicial_attention(*ins, w1, w2, backend=backend)
-    ins[NAMES.index(name)][1, p, 0] = value
-    out = two_simplicial_attention(*ins, w1, w2, backend=backend)
-    w = {"q": 1, "k1": w1, "v1": w1, "k2": w2, "v2": w2}[name]
-    sees = torch.zeros(S, dtype=torch.bool)
-    sees[p : p + w] = True
-    poisoned = ~torch.isfinite(out[1, :, 0]).all(-1)
-    assert poisoned.tolist() == sees.tolist()
-    torch.testing.assert_close(out[0], clean[0])                   # the other batch row, untouched
-    torch.testing.assert_close(out[1, ~sees], clean[1, ~sees])
-    torch.testing.assert_close(out[1, :, 1], clean[1, :, 1])       # the other kv head, untouched
+    _check_non_finite(backend, "cpu", torch.float32, name, value, S, w1, w2, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", [(300, 128, 32, 150, 2, 2, 64), (300, 128, 32, 150, 8, 1, 64),
+                                  (200, 40, 100, 7, 4, 4, 64), (200, 64, 16, 199, 2, 1, 48), (70, 1, 1, 30, 2, 2, 64)],
+                         ids=str)
+def test_a_non_finite_input_reaches_only_the_outputs_that_see_it_gpu(name, case):
+    """The kernels' tiles (several positions per tile, GQA, TMA and pointer loads, windows of 1)."""
+    S, w1, w2, p, Hq, Hkv, D = case
+    _check_non_finite("triton", "cuda", torch.bfloat16, name, float("nan"), S, w1, w2, p, Hq, Hkv, D)
 
 
 def _large_logit_grad_errors(backend, device):
