@@ -98,6 +98,7 @@ def profile_step(step, n: int = 3) -> dict:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / n
     by_kind: dict[str, float] = {}
+    kernels = []
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", 0.0)
         if not us:
@@ -105,9 +106,12 @@ def profile_step(step, n: int = 3) -> dict:
         name = ev.key.lower()
         kind = next((k for k, pats in KERNEL_KINDS if any(pt in name for pt in pats)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + us / 1e6 / n
+        kernels.append((us / 1e6 / n, ev.key[:120], kind))
     busy = sum(by_kind.values())
+    kernels.sort(reverse=True)
     return {"wall_s": wall, "gpu_busy_s": busy, "gpu_idle_share": max(0.0, 1 - busy / wall),
-            "share_of_wall": {k: v / wall for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
+            "share_of_wall": {k: v / wall for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": nm, "kind": kd, "share_of_wall": t / wall} for t, nm, kd in kernels[:15]]}
 
 
 def main(argv=None) -> int:
