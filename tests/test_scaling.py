@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from twosimplicial import cli as ts_cli
 from twosimplicial.models import ModelConfig, count_parameters
 from twosimplicial.models.flops import flops_per_token
 from twosimplicial.studies import fit as fit_mod
@@ -335,3 +336,32 @@ def test_token_efficiency_interpolates_in_log_tokens_and_censors(tmp_path):
     assert large["censored"] and large["dot_tokens_to_reach"] is None and large["ci"] == [None, None]
     assert large["censored_fraction"] == 1.0
     assert (tmp_path / "token_efficiency.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_fit_rewrites_the_report_blocks_and_keeps_the_prose(tmp_path, capsys):
+    """`fit --report FILE` puts the fit's tables between the file's markers and nothing else changes;
+    the exact-data change in alpha (+20.0%) and the paper's rows are in the table."""
+    sizes = [1e6, 2e6, 4e6]
+    write_runs(tmp_path / "r", {"dot": 0.10, "simplicial": 0.12}, {"dot": -2.0, "simplicial": -2.3}, sizes,
+               seeds=range(2), noise=0.0)
+    report = tmp_path / "REPORT.md"
+    prose = ["# Report\n\nIntro.\n\n", "\n\nBetween.\n\n", "\n\nEnd.\n"]
+    report.write_text(prose[0] + "<!-- fit:sizes -->\nold\n<!-- /fit:sizes -->" + prose[1]
+                      + "<!-- fit:table3 -->\n<!-- /fit:table3 -->" + prose[2])
+    assert ts_cli.main(["fit", str(tmp_path / "r"), "--bootstrap", "200", "--report", str(report)]) == 0
+    assert "rewrote the blocks sizes, table3 of" in capsys.readouterr().out
+    text = report.read_text()
+    for part in prose:
+        assert part in text
+    assert "old" not in text and "| N1000000 | 1,000,000 | 1,000,000 | 1,100,000 | 1,100,000 | 0, 1 |" in text
+    assert "| paper | GSM8k (active) | 0.1420 / -1.8280 | 0.1683 / -2.3939 | >= 0.996 | +18.5% |" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| ours | code (non-embedding)"))
+    assert "0.1000 [0.1000, 0.1000] / -2.0000" in row and "+20.0% [+20.0%, +20.0%]" in row
+    before = report.read_text()
+    report.write_text("no markers\n")
+    with pytest.raises(ValueError, match="none of the blocks"):
+        fit_mod.update_report(report, fit_results(tmp_path / "r", n_boot=200, plots=False))
+    assert report.read_text() == "no markers\n"
+    report.write_text(before + "<!-- fit:sizes -->")
+    with pytest.raises(ValueError, match="needs one"):
+        fit_mod.update_report(report, fit_results(tmp_path / "r", n_boot=200, plots=False))

@@ -36,6 +36,9 @@ Refused: run files with different ``tokens`` or ``data_sha256`` (a ``ValueError`
 Runs whose seed is missing for another architecture at the same size are left out of the fits
 (listed under ``unpaired_runs``).
 
+``--report docs/REPORT.md`` also rewrites that file's table blocks (:func:`update_report`), so the
+report's numbers come from the fit and nowhere else.
+
 Writes ``fit.json`` and four PNGs in the results directory (or ``--out``): ``loss_vs_params.png``
 (log-log loss vs N per suite, fits and bootstrap bands), ``loss_vs_tokens.png`` (validation loss
 vs tokens per size), ``loss_vs_flops.png`` (validation loss vs counted training FLOPs) and
@@ -402,6 +405,90 @@ def format_fit(result: dict) -> str:
     return "\n".join(lines)
 
 
+# The paper's Table 3 (Roy et al. 2025; ../shared/paper-notes.md): MoE models of 1B-3.5B active
+# parameters, N = active parameters, one fit per benchmark: (alpha, beta) per architecture.
+PAPER_TABLE3 = {
+    "GSM8k": {"dot": (0.1420, -1.8280), "simplicial": (0.1683, -2.3939)},
+    "MMLU": {"dot": (0.1256, -2.1606), "simplicial": (0.1364, -2.3960)},
+    "MMLU-pro": {"dot": (0.0901, -1.7289), "simplicial": (0.1083, -2.1181)},
+    "MBPP": {"dot": (0.1720, -2.2569), "simplicial": (0.1837, -2.5201)},
+}
+REPORT_BLOCKS = ("sizes", "table3", "token_efficiency")
+
+
+def report_blocks(result: dict) -> dict[str, str]:
+    """Markdown tables of a fit (what ``fit.json`` holds), by block name (:data:`REPORT_BLOCKS`)."""
+    archs = result["archs"]
+    rows = ["| size | N non-emb. " + " | ".join(archs) + " | N total " + " | ".join(archs) + " | seeds |",
+            "|---|" + "---|" * (2 * len(archs) + 1)]
+    for size, info in result["sizes"].items():
+        rows.append(f"| {size} | " + " | ".join(f"{info[f'params_nonembedding_{a}']:,}" for a in archs) + " | "
+                    + " | ".join(f"{info[f'params_total_{a}']:,}" for a in archs)
+                    + f" | {', '.join(map(str, info['seeds']))} |")
+    sizes = "\n".join(rows)
+
+    rows = ["| source | suite (N) | dot-product alpha / beta | 2-simplicial alpha / beta | R^2 dot / 2-simp. "
+            "| change in alpha [95% CI] |", "|---|---|---|---|---|---|"]
+    for suite, by_arch in PAPER_TABLE3.items():
+        (ad, bd), (as_, bs) = by_arch["dot"], by_arch["simplicial"]
+        rows.append(f"| paper | {suite} (active) | {ad:.4f} / {bd:.4f} | {as_:.4f} / {bs:.4f} | >= 0.996 "
+                    f"| {(as_ - ad) / ad:+.1%} |")
+    for suite in result["suites"]:
+        for p in PARAMS:
+            f = result["fits"][suite][p]
+            cells = []
+            for a in ("dot", "simplicial"):
+                fa = f.get(a)
+                cells.append("n/a" if fa is None else
+                             f"{fa['alpha']:.4f} [{_fmt(fa['alpha_ci'][0])}, {_fmt(fa['alpha_ci'][1])}] / {fa['beta']:.4f}")
+            r2 = " / ".join("n/a" if a not in f or f[a]["r2"] is None else f"{f[a]['r2']:.3f}"
+                            for a in ("dot", "simplicial"))
+            c = f.get("alpha_change")
+            change = "n/a" if c is None or c["relative"] is None else (
+                f"{c['relative']:+.1%} [{_pct(c['relative_ci'][0])}, {_pct(c['relative_ci'][1])}]")
+            rows.append(f"| ours | {suite} ({p.replace('_', '-')}) | {cells[0]} | {cells[1]} | {r2} | {change} |")
+    table3 = "\n".join(rows)
+
+    rows = ["| size | N non-emb. (dot) | 2-simp. final val. loss | dot final val. loss | tokens dot needs "
+            "| ratio to budget [95% CI] |", "|---|---|---|---|---|---|"]
+    for r in result["token_efficiency"] or []:
+        if r["censored"]:
+            need, ratio = "not reached", "not reached"
+        else:
+            bound = " (at the first evaluation: an upper bound)" if r["at_first_eval"] else ""
+            need = f"{r['dot_tokens_to_reach']:,.0f}{bound}"
+            ratio = f"{r['ratio_to_budget']:.3f} [{_fmt(r['ratio_ci'][0])}, {_fmt(r['ratio_ci'][1])}]"
+        rows.append(f"| {r['size']} | {r['params_nonembedding_dot']:,} | {r['simplicial_final_val_loss']:.4f} "
+                    f"| {r['dot_final_val_loss']:.4f} | {need} | {ratio} |")
+    eff = "\n".join(rows)
+    return {"sizes": sizes, "table3": table3, "token_efficiency": eff}
+
+
+def update_report(path: str | os.PathLike, result: dict) -> list[str]:
+    """Rewrite the blocks ``<!-- fit:NAME -->`` ... ``<!-- /fit:NAME -->`` of the markdown file
+    ``path`` with :func:`report_blocks` of ``result``; the text around them is kept. Returns the
+    names rewritten; a file with none of the blocks is an error (nothing is written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"report {path} does not exist")
+    text = path.read_text()
+    done = []
+    for name, body in report_blocks(result).items():
+        start, end = f"<!-- fit:{name} -->", f"<!-- /fit:{name} -->"
+        if text.count(start) != text.count(end) or text.count(start) > 1:
+            raise ValueError(f"report {path}: block {name!r} needs one {start} and one {end}")
+        if start not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+        done.append(name)
+    if not done:
+        raise ValueError(f"report {path} holds none of the blocks " + ", ".join(f"<!-- fit:{n} -->" for n in REPORT_BLOCKS))
+    write_atomic(path, text)
+    return done
+
+
 def _fmt(v):
     return "None" if v is None else f"{v:.4f}"
 
@@ -413,6 +500,9 @@ def _pct(v):
 def _fit_cmd(args) -> int:
     res = fit_results(args.results_dir, out_dir=args.out, n_boot=args.bootstrap, seed=args.seed)
     print(format_fit(res))
+    if args.report:
+        names = update_report(args.report, res)
+        print(f"fit: rewrote the blocks {', '.join(names)} of {args.report}")
     return 0
 
 
@@ -425,5 +515,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where fit.json and the PNGs go (default: results_dir)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    p.add_argument("--report", default=None,
+                   help="a markdown file (docs/REPORT.md) whose <!-- fit:NAME --> ... <!-- /fit:NAME --> blocks "
+                        "(sizes, table3, token_efficiency) are rewritten with this fit's tables")
     p.set_defaults(fn=_fit_cmd)
     return p
