@@ -111,7 +111,8 @@ def markdown(cmp: dict) -> str:
         t = "-" if r["target"] is None else f"{r['target']:.2f}"
         lines.append(f"| {r['case']} | {r['direction']} | {r['before']:.3f} | {r['after']:.3f} | "
                      f"{r['change_pct']:+.1f}% | {r['noise_pct']:.1f}% | {t} | "
-                     f"{yn(r['meets_before'])} -> {yn(r['meets_after'])} | {r['flag'].upper() if r['flag'] == 'slower' else r['flag']} |")
+                     f"{yn(r['meets_before'])} -> {yn(r['meets_after'])} | "
+                     f"{r['flag'].upper() if r['flag'] == 'slower' else r['flag']} |")
     for key, what in (("only_before", "only in BEFORE"), ("only_after", "only in AFTER")):
         if cmp[key]:
             lines.append(f"\n{what}: {', '.join(cmp[key])}")
