@@ -26,7 +26,7 @@ PY
 for part in $parts; do
   case $part in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
-    bench) python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+    bench) python3 benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     train)
       common=(--set train.max_steps=$steps --set train.eval_interval=100000 --set train.ckpt_interval=100000
               --set train.log_interval=10 --set train.progress=false --set data.code_max_bytes=30000000
