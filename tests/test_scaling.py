@@ -255,6 +255,37 @@ def test_time_budget_skips_runs_that_do_not_fit(tmp_path, cache, capsys):
         sweep(sw, time_budget=0)
 
 
+def test_shards_split_the_runs_left_by_estimated_time():
+    est = {"a": 10.0, "b": 1.0, "c": 1.0, "d": 8.0, "e": 3.0}
+    assert scaling.shard_runs(list(est), est, 2) == [["a", "e"], ["b", "c", "d"]]
+    assert scaling.shard_runs(list(est), est, 1) == [list(est)]
+    assert sorted(sum(scaling.shard_runs(list(est), est, 3), [])) == sorted(est)
+
+
+def test_sharded_sweeps_train_disjoint_parts_and_record_the_sharing(tmp_path, cache, monkeypatch):
+    """Two sweeps started together split the runs left; each run file says the device was shared,
+    and the time estimates count the sharing."""
+    sets = cpu_sets(tmp_path, cache, 'sweep.sizes=[{name = "d16", dim = 16, n_layers = 2}]', "sweep.seeds=[0]")
+    sw = load_sweep(CPU_CONFIG, sets)
+    res1 = sweep(sw, progress=False, shard=(1, 2))                  # of [dot, simplicial]: the second
+    assert res1["finished"] == ["d16-simplicial-s0"]
+    res0 = sweep(sw, progress=False, shard=(0, 2))                  # the runs left now: the first
+    assert res0["finished"] == ["d16-dot-s0"] and res0["done"] == ["d16-simplicial-s0"]
+    rec = json.loads((tmp_path / "results" / "runs" / "d16-dot-s0.json").read_text())
+    assert rec["gpu_shared_by"] == 2
+    spec = sw.runs[0]
+    monkeypatch.setattr(scaling, "_checkpoint_step", lambda run_dir: 0)      # as if not started
+    alone = [{"size": spec.size["name"], "arch": spec.arch, "tokens_per_s": 1024.0, "eval_seconds": 3.0,
+              "gpu_shared_by": 1}]
+    assert scaling._estimated_seconds(sw, spec, alone, {}, 2) == pytest.approx(2 * (2048 / 1024 + 3.0))
+    assert scaling._estimated_seconds(sw, spec, [], {spec.name: 7.0}, 3) == pytest.approx(21.0)
+    for bad in [(2, 2), (0, 0), (True, 2), [0, 1]]:
+        with pytest.raises(ValueError, match="shard"):
+            sweep(sw, progress=False, shard=bad)
+    with pytest.raises(SystemExit, match="--shard"):
+        cli(["sweep", str(CPU_CONFIG), "--shard", "2/2"])
+
+
 # --------------------------------------------------------------------------- fit on synthetic run files
 def write_runs(results: Path, alphas: dict, betas: dict, sizes, seeds, noise=0.01, tokens=1_000_000, sha="a" * 64,
                curve=None, seed=0):

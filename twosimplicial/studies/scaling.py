@@ -44,7 +44,14 @@ see ``twosimplicial.models.flops``; both architectures' attention included), ``f
 resumed segments, plus the final evaluation), ``device``, ``torch``, ``triton``, ``commit``,
 ``commit_dirty``, ``data_sha256`` (corpus + tokenizer, from the training summary), ``curve``
 (``[tokens, validation loss]`` at every in-training evaluation of the ``code`` source), ``eval``
-(``{suite: nll}`` for every suite of the final evaluation).
+(``{suite: nll}`` for every suite of the final evaluation), ``gpu_shared_by`` (how many sweep
+processes shared the device, ``--shard``: tokens/s and seconds are then each run's share).
+
+Several sweeps on one device: a small model leaves the GPU idle much of each step, so
+``--shard K/N`` runs N sweep processes side by side, each on its part of the runs left::
+
+    twosimplicial sweep configs/scaling.toml --dry-run        # builds the corpus once
+    for k in 0 1; do twosimplicial sweep configs/scaling.toml --time-budget 500 --shard $k/2 & done; wait
 
 ``--dry-run`` prints :func:`estimate`: the grid, each run's estimated GPU time (scaled from
 measured H200 throughputs, see ``REFERENCE_THROUGHPUT``) and how many epochs of the corpus the
@@ -378,9 +385,10 @@ def read_curve(run_dir: str | os.PathLike, tokens_per_step: int, source: str = C
     return [[step * tokens_per_step, by_step[step]] for step in sorted(by_step)]
 
 
-def run_one(sw: Sweep, spec: RunSpec) -> dict | None:
+def run_one(sw: Sweep, spec: RunSpec, gpu_shared_by: int = 1) -> dict | None:
     """Train (or resume) and evaluate one run and write its run file; ``None`` if training stopped
-    before ``max_steps`` (a later call resumes it)."""
+    before ``max_steps`` (a later call resumes it). ``gpu_shared_by``: how many sweep processes
+    shared the device (recorded: their tokens/s and seconds are each run's share)."""
     from ..evaluate import evaluate_run
     run_dir = Path(spec.cfg["run"]["out_dir"])
     summary = train(spec.cfg, resume=bool(step_dirs(run_dir)))      # train verifies the checkpoint it loads
@@ -412,6 +420,7 @@ def run_one(sw: Sweep, spec: RunSpec) -> dict | None:
         "tokens_per_s": summary["tokens_per_s"],
         "train_seconds": summary["train_time_s"], "eval_seconds": eval_s,
         "gpu_seconds": summary["train_time_s"] + eval_s,
+        "gpu_shared_by": gpu_shared_by,
         "device": device_name(spec.cfg["run"]["device"]),
         "torch": torch.__version__, "triton": triton_version(), "commit": commit, "commit_dirty": dirty,
         "data_sha256": summary.get("data_sha256"),
@@ -431,34 +440,64 @@ def _checkpoint_step(run_dir: Path) -> int:
     return dirs[-1][0] if dirs else 0
 
 
-def _estimated_seconds(sw: Sweep, spec: RunSpec, finished: list[dict], config_est: dict) -> float:
-    """Seconds the rest of ``spec`` needs: from the finished runs of its size and arch (their
-    tokens/s and evaluation time) when there are some, else from :func:`estimate`."""
+def _estimated_seconds(sw: Sweep, spec: RunSpec, finished: list[dict], config_est: dict,
+                       gpu_shared_by: int = 1) -> float:
+    """Seconds the rest of ``spec`` needs when ``gpu_shared_by`` sweep processes share the device:
+    from the finished runs of its size and arch (their tokens/s and evaluation time, scaled by the
+    ratio of the sharing then and now) when there are some, else from :func:`estimate` times
+    ``gpu_shared_by`` (the worst case: no gain from sharing)."""
     left = 1.0 - _checkpoint_step(Path(spec.cfg["run"]["out_dir"])) / sw.max_steps
     same = [r for r in finished if r["size"] == spec.size["name"] and r["arch"] == spec.arch and r["tokens_per_s"]]
     if same:
-        tps = sum(r["tokens_per_s"] for r in same) / len(same)
-        return left * sw.tokens / tps + sum(r["eval_seconds"] for r in same) / len(same)
-    return left * config_est[spec.name]
+        secs = [(left * sw.tokens / r["tokens_per_s"] + r["eval_seconds"]) * gpu_shared_by / r.get("gpu_shared_by", 1)
+                for r in same]
+        return sum(secs) / len(secs)
+    return left * config_est[spec.name] * gpu_shared_by
 
 
-def sweep(config, time_budget: float | None = None, progress: bool = True) -> dict:
+def shard_runs(names: list[str], est: dict[str, float], n_shards: int) -> list[list[str]]:
+    """Split run names (kept in their order) over ``n_shards`` processes with about equal estimated
+    time: each run in turn goes to the shard with the least time so far (ties: the lowest index)."""
+    shards: list[list[str]] = [[] for _ in range(n_shards)]
+    load = [0.0] * n_shards
+    for name in names:
+        k = min(range(n_shards), key=lambda i: (load[i], i))
+        shards[k].append(name)
+        load[k] += est[name]
+    return shards
+
+
+def sweep(config, time_budget: float | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
     """Run every run of the sweep that has no run file; returns the names of the runs
     ``finished`` now, ``done`` before, ``stopped`` early (resumable) and ``skipped`` (time budget).
 
     ``time_budget`` (seconds, counted from the call, the corpus build included): a run starts only if
-    its estimated time fits in what is left."""
+    its estimated time fits in what is left.
+
+    ``shard = (k, n)``: this process is one of ``n`` sweeps started together on one device (a
+    small model leaves the GPU idle much of a step, so two runs side by side finish sooner than
+    in turn); it trains the ``k``-th of the ``n`` parts that :func:`shard_runs` makes of the runs
+    without a run file, which every process computes alike. Build the corpus first (``--dry-run``),
+    so that the processes do not build it at once. Time estimates count the sharing."""
     sw = _as_sweep(config)
     if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
                                     or not time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
+    if (not isinstance(shard, tuple) or len(shard) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in shard)
+            or not 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (k, n) with integers 0 <= k < n, got {shard!r}")
+    k_shard, n_shards = shard
     start = time.perf_counter()
     if not all(sw.run_file(spec.name).is_file() for spec in sw.runs):
         prepare_corpus(DataConfig.from_dict(dict(sw.base["data"])), progress=progress)   # inside the time budget
     config_est = {r["run"]: r["seconds"] for r in estimate(sw, corpus=False)["runs"]}
     finished = [json.loads(p.read_text()) for p in sorted((sw.results_dir / "runs").glob("*.json"))]
     out = {"finished": [], "done": [], "stopped": [], "skipped": []}
-    bar = tqdm(sw.runs, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    todo = [spec.name for spec in sw.runs if not sw.run_file(spec.name).is_file()]
+    mine = set(shard_runs(todo, config_est, n_shards)[k_shard])
+    specs = [spec for spec in sw.runs if spec.name in mine or spec.name not in todo]
+    bar = tqdm(specs, desc="sweep" if n_shards == 1 else f"sweep {k_shard}/{n_shards}", unit="run",
+               disable=not progress, dynamic_ncols=True)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         if sw.run_file(spec.name).is_file():
@@ -466,14 +505,14 @@ def sweep(config, time_budget: float | None = None, progress: bool = True) -> di
             tqdm.write(f"{spec.name}: run file exists, skipped")
             continue
         if time_budget is not None:
-            need = _estimated_seconds(sw, spec, finished, config_est)
+            need = _estimated_seconds(sw, spec, finished, config_est, n_shards)
             left = time_budget - (time.perf_counter() - start)
             if need > left:
                 out["skipped"].append(spec.name)
                 tqdm.write(f"{spec.name}: skipped, needs ~{need:.0f} s, {max(left, 0):.0f} s of the budget left")
                 continue
         t0 = time.perf_counter()
-        rec = run_one(sw, spec)
+        rec = run_one(sw, spec, gpu_shared_by=n_shards)
         if rec is None:
             out["stopped"].append(spec.name)
             tqdm.write(f"{spec.name}: stopped before step {sw.max_steps}; resumes from its checkpoint next time")
@@ -495,7 +534,10 @@ def _sweep_cmd(args) -> int:
     if args.dry_run:
         print(format_estimate(estimate(sw)))
         return 0
-    res = sweep(sw, time_budget=args.time_budget)
+    k, _, n = args.shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise SystemExit(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
+    res = sweep(sw, time_budget=args.time_budget, shard=(int(k), int(n)))
     print(json.dumps({k: len(v) for k, v in res.items()}))
     return 0
 
@@ -512,6 +554,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="print the grid, the estimated GPU time and the corpus epochs; train nothing")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start a run only if its estimated time fits in what is left (default: no limit)")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="train the K-th of N parts of the runs left, for N sweeps started together on one GPU "
+                        "(build the corpus first with --dry-run); default 0/1")
     p.set_defaults(fn=_sweep_cmd)
     return p
 
