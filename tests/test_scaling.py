@@ -84,6 +84,36 @@ def test_scaling_config_is_the_study_the_issue_asks_for():
     assert "scaled from measured throughput" in est["basis"]
 
 
+def test_wide_config_extends_the_study_and_reuses_its_runs():
+    """configs/scaling_wide.toml (issue 20): the single-GPU grid's runs are a subset, with the same
+    names, data, budget, recipe and directories; two larger sizes; 3 seeds; N spans at least 100x."""
+    wide, base = load_sweep(ROOT / "configs" / "scaling_wide.toml"), load_sweep(ROOT / "configs" / "scaling.toml")
+    assert wide.base == base.base and wide.tokens == base.tokens and wide.results_dir == base.results_dir
+    runs = {s.name: s.cfg for s in wide.runs}
+    assert all(runs[s.name] == s.cfg for s in base.runs)             # every base run, unchanged
+    assert len(wide.sweep["sizes"]) == len(base.sweep["sizes"]) + 2 and wide.sweep["seeds"] == [0, 1, 2]
+    n = [count_parameters(scaling.model_config(s.cfg, 16384, None, 1024))["non_embedding"]
+         for s in wide.runs if s.seed == 0 and s.arch == "dot"]
+    assert n == sorted(n) and n[-1] / n[0] >= 100 and n[-1] <= 110e6
+
+
+def test_extends_merges_tables_and_refuses_cycles(tmp_path):
+    (tmp_path / "base.toml").write_text((ROOT / "configs" / "scaling_cpu.toml").read_text())
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[sweep]\nseeds = [5]\n[train]\nlr = 1e-3\n')
+    child, base = load_sweep(tmp_path / "child.toml"), load_sweep(tmp_path / "base.toml")
+    assert child.sweep["seeds"] == [5] and child.sweep["sizes"] == base.sweep["sizes"]
+    assert child.base["train"]["lr"] == 1e-3
+    assert {k: v for k, v in child.base["train"].items() if k != "lr"} == \
+        {k: v for k, v in base.base["train"].items() if k != "lr"}
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n[sweep]\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n[sweep]\n')
+    with pytest.raises(ValueError, match="cycle"):
+        load_sweep(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = 3\n[sweep]\n')
+    with pytest.raises(TypeError, match="extends"):
+        load_sweep(tmp_path / "c.toml")
+
+
 def test_load_sweep_rejects_bad_configs(tmp_path):
     assert len(load_sweep(CPU_CONFIG).runs) == 12
     cases = [

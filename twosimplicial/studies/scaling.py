@@ -23,6 +23,10 @@ every run shares, see ``twosimplicial.train``) plus a ``[sweep]`` table:
 - ``eval_max_tokens``, ``eval_math_problems``, ``eval_humaneval``, ``eval_batch_size``: passed to
   ``twosimplicial.evaluate.evaluate_run`` (the ``eval`` command's suites).
 
+A config may start from another: ``extends = "scaling.toml"`` (top level, relative to the file)
+takes every table of that config and puts this file's entries over them, table by table
+(``configs/scaling_wide.toml``: more sizes and seeds on the same data, budget and run names).
+
 The base tables may not set what the sweep sets per run: ``run.out_dir``, ``run.seed``,
 ``model.preset``, ``model.dim``, ``model.n_layers``, ``model.n_heads``, ``model.simplicial_every``
 and ``train.max_steps``. ``--set`` overrides any entry, ``sweep.*`` included.
@@ -152,11 +156,29 @@ def _split_overrides(sets):
     return sweep_sets, other
 
 
+def _read_with_base(path: Path, seen: tuple = ()) -> dict:
+    """A sweep config's tables; with a top-level ``extends = "other.toml"`` (relative to the file),
+    those of the other config with this file's entries put over them, table by table (so a wider
+    study keeps its base's data, recipe and directories and reuses its runs)."""
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: 'extends' makes a cycle through {[str(p) for p in seen]}")
+    with open(path, "rb") as f:
+        user = tomllib.load(f)
+    base_name = user.pop("extends", None)
+    if base_name is None:
+        return user
+    if not isinstance(base_name, str):
+        raise TypeError(f"{path}: extends must be the path of another sweep config, got {base_name!r}")
+    base = _read_with_base(path.parent / base_name, seen + (path.resolve(),))
+    for k, v in user.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
 def load_sweep(path: str | os.PathLike, sets: list[str] | None = None) -> Sweep:
     """Read and check a sweep config; every run's training config is built and validated here,
     before anything runs."""
-    with open(path, "rb") as f:
-        user = tomllib.load(f)
+    user = _read_with_base(Path(path))
     if "sweep" not in user:
         raise ValueError(f"{path}: no [sweep] table (a sweep config is a training config plus [sweep])")
     unknown = set(user) - set(DEFAULTS) - {"sweep"}
