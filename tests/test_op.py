@@ -300,6 +300,22 @@ def _check_non_finite(backend, device, dtype, name, value, S, w1, w2, p, Hq=2, H
     torch.testing.assert_close(out[0], clean[0])                        # the other batch row
     torch.testing.assert_close(out[1, ~sees], clean[1, ~sees])          # rows that cannot see p
     torch.testing.assert_close(out[1, :, heads.stop:], clean[1, :, heads.stop:])   # the other heads
+    if name in ("v1", "v2"):
+        # gradients of a loss on the outputs that cannot see p: finite, and those of a 0 at p
+        # (non-finite queries and keys follow IEEE arithmetic in the backward, as dense autograd)
+        keep = torch.ones(out.shape[:2], dtype=torch.bool, device=device)
+        keep[1] = ~sees
+        weight = torch.randn(out.shape, generator=gen).to(device, dtype) * keep[:, :, None, None]
+        zero = [t.clone() for t in ins]
+        zero[NAMES.index(name)][1, p, 0] = 0.0
+        grads = []
+        for xs in (ins, zero):
+            xs = [t.detach().requires_grad_() for t in xs]
+            (two_simplicial_attention(*xs, w1, w2, backend=backend) * weight).sum().backward()
+            grads.append([t.grad for t in xs])
+        for n, g, g0 in zip(NAMES, *grads):
+            assert torch.isfinite(g).all(), n
+            torch.testing.assert_close(g, g0, msg=n)
 
 
 @pytest.mark.parametrize("backend, value", [("torch", float("nan")), ("torch", float("inf")),

@@ -112,12 +112,7 @@ def _prepare(q, ks, vs, kb, vb, ws, wb):
     dt = _compute_dtype(q.dtype)
     qh = _heads_first(q, dt).view(B, Hkv, Hq // Hkv, S, D).transpose(2, 3)   # [B, Hkv, S, G, D]
     ksp, vsp = _padded(_heads_first(ks, dt), ws), _padded(_heads_first(vs, dt), ws)
-    kb = _heads_first(kb, dt)
-    # A chunk's big-window slice holds keys outside some queries' windows, whose weight is 0
-    # but whose value enters the product P @ v_b: 0 * nan = nan would leak a non-finite value
-    # to queries that cannot see it. The product uses v_b with non-finite entries zeroed; the
-    # op marks the outputs whose windows do hold one (interface.mark_nonfinite).
-    vb = _heads_first(vb, dt).nan_to_num(0.0, 0.0, 0.0)
+    kb, vb = _heads_first(kb, dt), _heads_first(vb, dt)
     chunk = _chunk_size(S, B * Hq, ws, wb)
     return qh, ksp, vsp, kb, vb, chunk
 

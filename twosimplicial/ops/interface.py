@@ -104,20 +104,24 @@ def check_window(name: str, w, S: int | None = None):
     return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
 
 
-def mark_nonfinite(out, vb, wb: int):
-    """``out`` with NaN wherever the query's big window holds a non-finite value of ``vb``.
+def mark_nonfinite(out, v, w: int):
+    """``out`` with NaN wherever the query's window ``[i - w, i]`` holds a non-finite value of
+    ``v`` (``v1`` with ``w1`` or ``v2`` with ``w2``; in that value column).
 
-    Masked keys contribute exactly nothing: the backends compute their value products with
-    non-finite ``v_b`` entries zeroed (a masked key's weight is 0, but ``0 * nan = nan`` in a
-    matrix product would reach queries that cannot see the key). A query whose big window
-    ``[i - wb, i]`` does hold such a value gets NaN in that value column here; non-finite
-    queries, keys and small-window values reach exactly the outputs that see them without help.
-    The count of non-finite entries up to each position is a cumulative sum over the sequence:
-    O(B S Hkv Dv), no sync, traceable.
+    The backends compute with the values cleaned (non-finite entries as 0, see
+    :func:`two_simplicial_attention`): a masked key's weight is 0, but ``0 * nan = nan`` in a
+    matrix product would carry its value to queries that cannot see it, and in the backward
+    ``dO = 0`` times a non-finite value would reach gradients of positions before it. This
+    restores the non-finite result exactly where a query does see such a value. The count of non-finite
+    entries up to each position is a cumulative sum over the sequence: O(B S Hkv Dv), no sync,
+    traceable. The marked outputs carry no gradient (``masked_fill``), so the backward, which
+    also sees the cleaned values, stays finite for every output that does not see them.
+    Non-finite queries and keys need no help in the forward: they reach exactly the outputs
+    that see them (the backward then follows IEEE arithmetic, as dense autograd does).
     """
-    B, S, Hkv, Dv = vb.shape
-    bad = (~torch.isfinite(vb)).to(torch.int32).cumsum(1)                  # [B, S, Hkv, Dv]
-    before = torch.nn.functional.pad(bad, (0, 0, 0, 0, wb, 0))[:, :S]     # the count up to i - wb
+    B, S, Hkv, Dv = v.shape
+    bad = (~torch.isfinite(v)).to(torch.int32).cumsum(1)                   # [B, S, Hkv, Dv]
+    before = torch.nn.functional.pad(bad, (0, 0, 0, 0, w, 0))[:, :S]      # the count up to i - w
     seen = (bad - before > 0)[:, :, :, None, :]                            # [B, S, Hkv, 1, Dv]
     return out.view(B, S, Hkv, -1, Dv).masked_fill(seen, float("nan")).view(out.shape)
 
@@ -161,9 +165,14 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         out = q.new_zeros(plan.B, plan.S, plan.Hq, plan.Dv) + anchor
         lse = torch.zeros(plan.B, plan.Hq, plan.S, dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
+    # Non-finite values: the backends see v1, v2 with non-finite entries as 0, and mark_nonfinite
+    # restores NaN in the outputs that see one; every other output, and every gradient that does
+    # not come through a marked output, is what it would be with a 0 there.
+    raw_v1, raw_v2 = v1, v2
+    v1, v2 = v1.nan_to_num(0.0, 0.0, 0.0), v2.nan_to_num(0.0, 0.0, 0.0)
     if chosen == "triton":
         out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale)
     else:
         out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
-    out = mark_nonfinite(out, plan.split(k1, v1, k2, v2)[3], plan.wb)
+    out = mark_nonfinite(mark_nonfinite(out, raw_v1, plan.w1), raw_v2, plan.w2)
     return (out, lse) if return_lse else out

@@ -226,19 +226,12 @@ def _two_simplicial_fwd_kernel(
                                         other=0.0)
                 # s[r, j] = <z_r, k_b[j]>, so logit * log2(e) = qk_scale * s
                 s = tl.dot(z, tl.trans(k_blk), input_precision=PRECISION)
-                # In a masked block some keys are outside some rows' windows: their weight is 0,
-                # but 0 * nan = nan in the product P @ v_b would carry a non-finite value to rows
-                # that cannot see it, so masked blocks use v_b with non-finite entries zeroed (the
-                # op marks the outputs whose windows do hold one: interface.mark_nonfinite).
-                # Unmasked blocks are inside every real row's window and keep v_b as it is.
                 if stage == 0:
                     if kb_i >= n_full:             # left edge: j > i - wb and j >= 0 (j <= i0 <= i holds)
                         s = tl.where(j[None, :] > j_min[:, None], s, float("-inf"))
-                        v_blk = tl.where(tl.abs(v_blk) < float("inf"), v_blk, 0.0)
                 else:                              # right edge: causal, and inside the window
                     s = tl.where((j[None, :] <= ii[:, None]) & (j[None, :] > j_min[:, None]), s,
                                  float("-inf"))
-                    v_blk = tl.where(tl.abs(v_blk) < float("inf"), v_blk, 0.0)
                 # online softmax (base 2, qk_scale > 0 so max commutes with it):
                 # m' = max(m, qk_scale max_j s); acc = acc 2^(m-m') + 2^(qk_scale s - m') v_b
                 m_new = tl.maximum(m_i, tl.reduce(s, 1, max_combine) * qk_scale)
@@ -253,7 +246,7 @@ def _two_simplicial_fwd_kernel(
                 vb_e = tl.load(vb_base + j_e_ld * svb[1] + ee[None, :]).to(tl.float32)
             else:
                 vb_e = tl.load(vb_base + j_e_ld * svb[1] + ee[None, :], mask=emask[None, :], other=0.0).to(tl.float32)
-            acc = acc + tl.where(sees_e[:, None], p_e[:, None] * vb_e, 0.0)   # nothing for rows that cannot see it
+            acc = acc + p_e[:, None] * vb_e
 
         # (2) for this chunk: y_r = v_s[l] * acc_r, merged over the BT offsets of each query
         if not PREFETCH_VS:
@@ -265,8 +258,9 @@ def _two_simplicial_fwd_kernel(
         a3 = tl.math.exp2(m3 - m_c[:, None])
         L_c = tl.reduce(a3 * tl.reshape(l_sum, [NQ, BT]), 1, sum_combine)
         # rows that do not exist get weight 0, and their y is dropped by a select, not a product:
-        # their acc may hold a non-finite value of the big window (z = 0 there, so every key
-        # gets weight), and 0 * nan = nan
+        # their acc is not finite when a key of the block is (z = 0 there: 0 * inf = nan), and
+        # 0 * nan = nan would reach the query's real rows. (The op hands the kernel v_b with
+        # non-finite entries as 0: interface.two_simplicial_attention, mark_nonfinite.)
         a_r = tl.where(rvalid, tl.reshape(a3, [BM]), 0.0)
         y = tl.where(rvalid[:, None], acc * vs_rows * a_r[:, None], 0.0)
         O_c = tl.reduce(tl.reshape(y, [NQ, BT, DV_PAD]), 1, sum_combine)
