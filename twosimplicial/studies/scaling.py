@@ -583,7 +583,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="start a run only if its estimated time fits in what is left (default: no limit)")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="train the K-th of N parts of the runs left, for N sweeps started together on one GPU "
-                        "(build the corpus first with --dry-run); default 0/1")
+                        "(build the corpus first with --dry-run) (default: 0/1)")
     p.set_defaults(fn=_sweep_cmd)
     return p
 
