@@ -439,3 +439,9 @@ def test_sweep_refuses_to_start_without_humaneval_when_it_is_asked_for(tmp_path,
     off = load_sweep(CPU_CONFIG, cpu_sets(tmp_path, cache, "sweep.eval_humaneval=false", "sweep.seeds=[0]",
                                           'sweep.sizes=[{name = "d16", dim = 16, n_layers = 2}]', 'sweep.archs=["dot"]'))
     assert sweep(off, progress=False)["finished"] == ["d16-dot-s0"]
+
+
+def test_the_report_holds_every_block_the_fit_writes():
+    text = (ROOT / "docs" / "REPORT.md").read_text()
+    for name in fit_mod.REPORT_BLOCKS:
+        assert text.count(f"<!-- fit:{name} -->") == 1 and text.count(f"<!-- /fit:{name} -->") == 1, name
