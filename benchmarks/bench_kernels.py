@@ -62,11 +62,13 @@ import signal
 import statistics
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
+
+from twosimplicial.models.flops import n_triples
+from twosimplicial.train import parse_value
 
 FLOP_CONVENTION = ("forward 4*D FLOPs per valid triple (i, j, k) with i-w1 < j <= i, i-w2 < k <= i, per batch "
                    "element and query head, D the model's head dim for every form (useful FLOPs); backward 2.5x "
@@ -143,14 +145,6 @@ IMPLS = ("twosimplicial", "torch", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient",
 QUICK = {"rounds": 3, "warmup_ms": 10.0, "rep_ms": 50.0}
 
 
-def n_triples(S: int, w1: int, w2: int) -> float:
-    """``sum_{i<S} min(i+1, w1) * min(i+1, w2)`` in closed form (exact for any S, w1, w2)."""
-    a, b = min(w1, w2, S), min(max(w1, w2), S)
-    sq = a * (a + 1) * (2 * a + 1) // 6                        # rows i+1 <= a: (i+1)^2
-    mid = a * ((b * (b + 1) - a * (a + 1)) // 2)                # a < i+1 <= b: a * (i+1)
-    return float(sq + mid + (S - b) * a * b)                    # past b: a * b
-
-
 def select(spec: str | None, available: dict[str, Case]) -> list[Case]:
     """``--cases``: comma-separated names and group names (issue, table1, all)."""
     if not spec:
@@ -167,14 +161,6 @@ def select(spec: str | None, available: dict[str, Case]) -> list[Case]:
 
 
 # --------------------------------------------------------------------------- shapes of a model
-def parse_value(text: str):
-    """A ``--set`` value: TOML when it parses (``4``, ``true``, ``"x"``), else the raw string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def model_case(cfg, name: str, batch: int | None, seq: int | None, group: str) -> Case:
     """The attention shape of ``cfg``'s 2-simplicial layers (as ``models.transformer.Block`` builds
     them) at batch ``batch`` and sequence ``seq`` (default ``max_seq_len``; batch default: 16k tokens)."""

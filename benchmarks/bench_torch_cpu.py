@@ -20,10 +20,7 @@ from pathlib import Path
 import torch
 
 from twosimplicial import two_simplicial_attention
-
-
-def valid_triples(S: int, w1: int, w2: int) -> int:
-    return sum(min(i + 1, w1) * min(i + 1, w2) for i in range(S))
+from twosimplicial.models import n_triples
 
 
 def rss_peak_gb() -> float:
@@ -64,7 +61,7 @@ def main(argv=None):
     bwd_s = time.perf_counter() - t0
     peak = rss_peak_gb()
 
-    flops = 4 * D * valid_triples(S, a.w1, a.w2) * B * H * (2 if a.form == "determinant" else 1)
+    flops = 4 * D * n_triples(S, a.w1, a.w2) * B * H * (2 if a.form == "determinant" else 1)
     row = {
         "shape": {"B": B, "S": S, "Hq": H, "Hkv": Hkv, "D": D, "w1": a.w1, "w2": a.w2, "dtype": a.dtype, "form": a.form},
         "fwd_s": round(fwd_s, 3), "bwd_s": round(bwd_s, 3),

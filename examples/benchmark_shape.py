@@ -26,14 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from twosimplicial import two_simplicial_attention
+from twosimplicial.models import n_triples
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-def valid_triples(S: int, w1: int, w2: int) -> int:
-    """``sum_i min(i+1, w1) * min(i+1, w2)``: the (i, j, k) a query row attends over, summed over rows."""
-    i = torch.arange(1, S + 1, dtype=torch.int64)
-    return int((i.clamp(max=w1) * i.clamp(max=w2)).sum())
 
 
 def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     def attention(q, k1, v1, k2, v2):
         return two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, form=args.form, backend=args.backend)
 
-    flops = 4 * D * B * Hq * valid_triples(S, w1, w2)
+    flops = 4 * D * B * Hq * n_triples(S, w1, w2)
     tflops = lambda ms, f: f / (ms * 1e-3) / 1e12                                      # noqa: E731
     fwd_ms, bwd_ms = time_fwd_bwd(attention, inputs, device, args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"

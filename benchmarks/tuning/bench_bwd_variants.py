@@ -23,7 +23,7 @@ import math
 import torch
 import triton
 
-from benchmarks.bench_kernels import n_triples
+from twosimplicial.models import n_triples
 from twosimplicial.ops.triton.bwd import two_simplicial_bwd
 
 

@@ -20,7 +20,7 @@ import math
 import torch
 import triton
 
-from benchmarks.bench_kernels import n_triples
+from twosimplicial.models import n_triples
 from benchmarks.tuning.bench_bwd_variants import load_module
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention
 from twosimplicial.ops.triton.fwd import two_simplicial_fwd
