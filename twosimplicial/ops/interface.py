@@ -104,26 +104,29 @@ def check_window(name: str, w, S: int | None = None):
     return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
 
 
-def mark_nonfinite(out, v, w: int):
-    """``out`` with NaN wherever the query's window ``[i - w, i]`` holds a non-finite value of
-    ``v`` (``v1`` with ``w1`` or ``v2`` with ``w2``; in that value column).
+def mark_nonfinite(out, *windows):
+    """``out`` with NaN wherever a query's window holds a non-finite value: ``windows`` are
+    ``(bad, w)`` pairs, ``bad`` the ``[B, S, Hkv, Dv]`` mask of non-finite entries of ``v1`` (or
+    ``v2``) and ``w`` its window; the query at ``i`` sees ``[i - w, i]``, column by column.
 
     The backends compute with the values cleaned (non-finite entries as 0, see
     :func:`two_simplicial_attention`): a masked key's weight is 0, but ``0 * nan = nan`` in a
     matrix product would carry its value to queries that cannot see it, and in the backward
     ``dO = 0`` times a non-finite value would reach gradients of positions before it. This
-    restores the non-finite result exactly where a query does see such a value. The count of non-finite
-    entries up to each position is a cumulative sum over the sequence: O(B S Hkv Dv), no sync,
-    traceable. The marked outputs carry no gradient (``masked_fill``), so the backward, which
-    also sees the cleaned values, stays finite for every output that does not see them.
+    restores the non-finite result exactly where a query does see such a value. The count of
+    non-finite entries up to each position is a cumulative sum over the sequence: O(B S Hkv Dv),
+    no sync, traceable. The marked outputs carry no gradient (``masked_fill``), so the backward,
+    which also sees the cleaned values, stays finite for every output that does not see them.
     Non-finite queries and keys need no help in the forward: they reach exactly the outputs
     that see them (the backward then follows IEEE arithmetic, as dense autograd does).
     """
-    B, S, Hkv, Dv = v.shape
-    bad = (~torch.isfinite(v)).to(torch.int32).cumsum(1)                   # [B, S, Hkv, Dv]
-    before = torch.nn.functional.pad(bad, (0, 0, 0, 0, w, 0))[:, :S]      # the count up to i - w
-    seen = (bad - before > 0)[:, :, :, None, :]                            # [B, S, Hkv, 1, Dv]
-    return out.view(B, S, Hkv, -1, Dv).masked_fill(seen, float("nan")).view(out.shape)
+    seen = None
+    for bad, w in windows:
+        count = bad.to(torch.int32).cumsum(1)                                   # [B, S, Hkv, Dv]
+        before = torch.nn.functional.pad(count, (0, 0, 0, 0, w, 0))[:, : count.shape[1]]   # up to i - w
+        seen = count > before if seen is None else seen | (count > before)
+    B, S, Hkv, Dv = seen.shape
+    return out.view(B, S, Hkv, -1, Dv).masked_fill(seen[:, :, :, None, :], float("nan")).view(out.shape)
 
 
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
@@ -168,11 +171,11 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     # Non-finite values: the backends see v1, v2 with non-finite entries as 0, and mark_nonfinite
     # restores NaN in the outputs that see one; every other output, and every gradient that does
     # not come through a marked output, is what it would be with a 0 there.
-    raw_v1, raw_v2 = v1, v2
-    v1, v2 = v1.nan_to_num(0.0, 0.0, 0.0), v2.nan_to_num(0.0, 0.0, 0.0)
+    bad1, bad2 = ~torch.isfinite(v1), ~torch.isfinite(v2)
+    v1, v2 = v1.masked_fill(bad1, 0.0), v2.masked_fill(bad2, 0.0)
     if chosen == "triton":
         out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale)
     else:
         out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
-    out = mark_nonfinite(mark_nonfinite(out, raw_v1, plan.w1), raw_v2, plan.w2)
+    out = mark_nonfinite(out, (bad1, plan.w1), (bad2, plan.w2))
     return (out, lse) if return_lse else out
