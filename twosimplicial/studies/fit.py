@@ -405,7 +405,7 @@ def format_fit(result: dict) -> str:
     return "\n".join(lines)
 
 
-# The paper's Table 3 (Roy et al. 2025; ../shared/paper-notes.md): MoE models of 1B-3.5B active
+# The paper's Table 3 (Roy et al. 2025, arXiv 2507.02754): MoE models of 1B-3.5B active
 # parameters, N = active parameters, one fit per benchmark: (alpha, beta) per architecture.
 PAPER_TABLE3 = {
     "GSM8k": {"dot": (0.1420, -1.8280), "simplicial": (0.1683, -2.3939)},
