@@ -183,27 +183,13 @@ def test_custom_ops_pass_opcheck():
     autograd registration: what torch.compile and CUDA graphs rely on."""
     gen = torch.Generator().manual_seed(7)
     q, k1, v1, k2, v2 = make(1, 7, 4, 2, 16, 16, gen=gen)
-    for keep_out32 in (False, True):
-        torch.library.opcheck(torch.ops.twosimplicial.fwd.default, (q, k1, v1, k2, v2, 4, 3, 0.25, False, keep_out32),
-                              test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.twosimplicial.fwd.default, (q, k1, v1, k2, v2, 4, 3, 0.25, False),
+                          test_utils=("test_schema", "test_faketensor"))
     out, lse = two_simplicial_fwd(q, k1, v1, k2, v2, 4, 3, 0.25, False)
     do = torch.randn(out.shape, generator=gen)
     torch.library.opcheck(torch.ops.twosimplicial.bwd.default,
                           (do, q, k1, v1, k2, v2, out, lse, 4, 3, 0.25, False),
                           test_utils=("test_schema", "test_faketensor"))
-
-
-def test_the_forward_keeps_its_unrounded_output_for_the_backward():
-    """For 16-bit inputs that need gradients the custom op also returns the output in float32
-    (the backward's Delta); it equals the rounded output up to rounding, and is not made
-    when no gradient is needed."""
-    gen = torch.Generator().manual_seed(8)
-    q, k1, v1, k2, v2 = (t.half() for t in make(1, 9, 2, 1, 16, 16, gen=gen))
-    out, lse, out32 = torch.ops.twosimplicial.fwd(q, k1, v1, k2, v2, 5, 3, 0.25, False, True)
-    assert out32.dtype == torch.float32 and out32.shape == out.shape
-    torch.testing.assert_close(out32.half(), out, rtol=0, atol=0)
-    _, _, none = torch.ops.twosimplicial.fwd(q, k1, v1, k2, v2, 5, 3, 0.25, False, False)
-    assert none.numel() == 0
 
 
 def test_lse_is_not_differentiable():

@@ -499,8 +499,7 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     """Gradients ``(dq, dk1, dv1, dk2, dv2)`` of the trilinear 2-simplicial attention.
 
     do, out ``[B, S, Hq, Dv]``; q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2
-    ``[B, S, Hkv, Dv]``; lse ``[B, Hq, S]`` float32 (natural log) from the forward. ``out`` serves
-    only Delta = <dO, O>: pass the forward's float32 copy where there is one (``out32``).
+    ``[B, S, Hkv, Dv]``; lse ``[B, Hq, S]`` float32 (natural log) from the forward.
     Gradients come back in the inputs' dtypes and shapes. ``config`` overrides keys of
     :func:`bwd_config` (tile sizes, stages) and ``concurrent`` (run the two kernels on two streams,
     see ``_launch``): for benchmarks and tests. The window roles come from

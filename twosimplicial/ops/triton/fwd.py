@@ -69,13 +69,13 @@ from .common import kernel, max_combine, pack_rows, padded, pow2, strides, sum_c
 
 @triton.jit
 def _two_simplicial_fwd_kernel(
-    Q, KS, VS, KB, VB, KB_DESC, VB_DESC, KB_DESC2, VB_DESC2, O, LSE, O32,
+    Q, KS, VS, KB, VB, KB_DESC, VB_DESC, KB_DESC2, VB_DESC2, O, LSE,
     sq, sks, svs, skb, svb, so, slse,
     S, HKV, GQA, NHB, WS, WB, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BN: tl.constexpr, BN2: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
     PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr, PREFETCH_VS: tl.constexpr, INT64_IDX: tl.constexpr,
-    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NEG_Z: tl.constexpr, STORE_O32: tl.constexpr,
+    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NEG_Z: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = D == D_PAD
     EVEN_DV: tl.constexpr = DV == DV_PAD
@@ -282,9 +282,6 @@ def _two_simplicial_fwd_kernel(
     o = O_q / L_safe[:, None]
     tl.store(O + b * so[0] + i_q[:, None] * so[1] + h_q[:, None] * so[2] + ee[None, :],
              o.to(O.dtype.element_ty), mask=ok_q[:, None] & emask[None, :])
-    if STORE_O32:      # the unrounded output, for the backward's Delta = <dO, O> (same layout as O)
-        tl.store(O32 + b * so[0] + i_q[:, None] * so[1] + h_q[:, None] * so[2] + ee[None, :],
-                 o, mask=ok_q[:, None] & emask[None, :])
     lse = (M_q + tl.math.log2(L_safe)) * 0.6931471805599453
     tl.store(LSE + b * slse[0] + h_q * slse[1] + i_q, lse, mask=ok_q)
 
@@ -331,8 +328,7 @@ def _kv_desc(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
-def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None,
-                       out32: torch.Tensor | None = None):
+def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None):
     """Forward of trilinear 2-simplicial attention.
 
     q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2 ``[B, S, Hkv, Dv]`` (any strides;
@@ -341,15 +337,13 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     ``config`` overrides the default launch configuration, for tuning (the knobs of
     :func:`fwd_config`: block_m, block_n, num_warps, num_stages) and for A/B tests and tests (the
     :data:`SWITCHES`). The window roles come from :func:`~twosimplicial.ops.plan.make_plan`, as
-    in the backward. ``out32`` (float32, contiguous ``[B, S, Hq, Dv]``), when given, also
-    receives the output before its rounding to q's dtype (the backward's Delta needs it).
+    in the backward.
     """
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
-    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config, out32)
+    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config)
 
 
-def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None,
-                  out32: torch.Tensor | None = None):
+def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None):
     """:func:`two_simplicial_fwd` on the canonical problem: ``(ks, vs)`` over the small window
     ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``."""
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
@@ -370,14 +364,13 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | No
     use_tma = all(d is not None for d in descs)
     neg_z, qk_scale = z_scaling(scale)
     kernel(_two_simplicial_fwd_kernel, q.device)[grid](
-        q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse, out if out32 is None else out32,
+        q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse,
         strides(q), strides(ks), strides(vs), strides(kb), strides(vb), strides(out), (lse.stride(0), lse.stride(1)),
         S, Hkv, plan.gqa, NHB, ws, wb, qk_scale,
         D=D, DV=Dv, D_PAD=padded(D), DV_PAD=padded(Dv), BN=BN, BN2=BN2, BI=BI, BH=BH, BT=BT,
         PRECISION=plan.precision, ONE_CHUNK=ws <= BT, PREFETCH_VS=bool(cfg["prefetch_vs"]),
         INT64_IDX=bool(cfg["int64_idx"]) or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, STORE_O32=out32 is not None,
-        num_warps=cfg["num_warps"],
+        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
     )

@@ -35,27 +35,18 @@ from .bwd import two_simplicial_bwd
 from .fwd import two_simplicial_fwd
 
 
-def _out32(q, v1, keep: bool):
-    """The forward's float32 copy of the output (``[B, S, Hq, Dv]``), or an empty stand-in."""
-    B, S, Hq, _ = q.shape
-    return q.new_empty((B, S, Hq, v1.shape[3]) if keep else (0,), dtype=torch.float32)
-
-
 @torch.library.custom_op("twosimplicial::fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor,
-         w1: int, w2: int, scale: float, allow_tf32: bool,
-         keep_out32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out32 = _out32(q, v1, keep_out32)
-    out, lse = two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, out32=out32 if keep_out32 else None)
-    return out, lse, out32
+         w1: int, w2: int, scale: float, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, keep_out32):
+def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32):
     B, S, Hq, _ = q.shape
     out = q.new_empty((B, S, Hq, v1.shape[3]))
     lse = q.new_empty((B, Hq, S), dtype=torch.float32)
-    return out, lse, _out32(q, v1, keep_out32)
+    return out, lse
 
 
 @torch.library.custom_op("twosimplicial::bwd", mutates_args=())
@@ -74,19 +65,18 @@ def _bwd_fake(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, keep_out32 = inputs
-    out, lse, out32 = output
-    # the backward needs the output only for Delta = <dO, O>: the float32 copy where there is one
-    ctx.save_for_backward(q, k1, v1, k2, v2, out32 if keep_out32 else out, lse)
+    q, k1, v1, k2, v2, w1, w2, scale, allow_tf32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
     ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32 = w1, w2, scale, allow_tf32
-    ctx.mark_non_differentiable(lse, out32)
+    ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse, dout32):
+def _backward(ctx, dout, dlse):
     q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
     dq, dk1, dv1, dk2, dv2 = _bwd(dout.contiguous(), q, k1, v1, k2, v2, out, lse,
                                   ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32)
-    return dq, dk1, dv1, dk2, dv2, None, None, None, None, None
+    return dq, dk1, dv1, dk2, dv2, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -102,15 +92,8 @@ def triton_attention(plan: Plan, q, k1, v1, k2, v2, scale: float):
     Inputs are already validated by ``twosimplicial.ops.interface`` (same dtype among
     float16/bfloat16/float32, same device, ``[B, S, H, D]`` layout, ``Hq % Hkv == 0``).
     Returns ``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S] float32)``.
-
-    For 16-bit inputs that need gradients the forward also writes its output in float32, which
-    the backward uses for ``Delta = <dO, O>``: from the rounded output, Delta's error grows with
-    the logits and dominated the gradients' error with large logits (docs/kernels.md, Precision).
     """
-    keep_out32 = (q.dtype != torch.float32 and torch.is_grad_enabled()
-                  and any(t.requires_grad for t in (q, k1, v1, k2, v2)))
-    out, lse, _ = _fwd(q, k1, v1, k2, v2, plan.w1, plan.w2, float(scale), plan.allow_tf32, keep_out32)
-    return out, lse
+    return _fwd(q, k1, v1, k2, v2, plan.w1, plan.w2, float(scale), plan.allow_tf32)
 
 
 def triton_two_simplicial(q, k1, v1, k2, v2, w1: int, w2: int, scale: float):
