@@ -118,6 +118,26 @@ def test_transform_reproduces_reference_logits(name, D):
     torch.testing.assert_close(trilinear_logits(tq, tk1, tk2), ref, rtol=1e-12, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("D", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("small", ["k1", "k2"])
+def test_cross_product_virtual_query(D, small):
+    """The identity a native determinant kernel would rest on (docs/kernels.md, The determinant
+    form at head dim D): logit = <z, k_b> with z = sgn * (k_s x q) per 3-chunk (sgn = +1 when
+    k_s = k2, -1 when k_s = k1) and z = q * k_s on the leftover dims: head dim D, not 2D."""
+    q, k1, _, k2, _ = _inputs(D, S=4, Hq=3, Hkv=3, seed=10 + D)
+    ks, kb, sgn = (k2, k1, 1.0) if small == "k2" else (k1, k2, -1.0)
+    c = 3 * (D // 3)
+    nx = torch.tensor([3 * (d // 3) + (d + 1) % 3 for d in range(c)], dtype=torch.long)   # next in the chunk
+    pv = torch.tensor([3 * (d // 3) + (d + 2) % 3 for d in range(c)], dtype=torch.long)   # previous
+    qe, kse = q[:, :, None], ks[:, None]                       # [B, i, 1, H, D], [B, 1, l, H, D]
+    z = torch.cat([sgn * (kse[..., nx] * qe[..., pv] - kse[..., pv] * qe[..., nx]),
+                   qe[..., c:] * kse[..., c:]], dim=-1)        # [B, i, l, H, D]
+    spec = "bilhd,bjhd->bhijl" if small == "k2" else "bilhd,bjhd->bhilj"   # logits[b, h, i, j(k1), k(k2)]
+    torch.testing.assert_close(torch.einsum(spec, z, kb), REGISTRY["determinant"].logits(q, k1, k2),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_forms_differ():
     """The registry's forms are different functions of the same inputs (a form silently run as
     another would be caught by the reference)."""
