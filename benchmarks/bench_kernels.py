@@ -12,7 +12,9 @@ Cases (bf16, S = 8192 and windows (w1, w2) = (512, 32) unless named; the issue-1
 ``gqa64`` B2 Hq64 Hkv1 D128; ``mha`` B1 H16 D128; ``mha-d64`` B2 H16 D64; ``gqa8`` B1 Hq32 Hkv4
 D128; ``mha-w1024x16``, ``mha-w256x64``, ``mha-w128x128`` the mha shape with those windows;
 ``lm-b16-s1024-h4-d64``, ``lm-b8-s2048-h8-d64``, ``lm-b16-s1024-h2-d128`` (MHA); ``det`` the
-determinant form at the mha shape. Group ``table1``: ``table1-<w1>x<w2>``, the paper's window grid
+determinant form at the mha shape (its transform to a trilinear form of about 2D), ``det-native``
+the same on the kernels' native determinant path (docs/kernels.md, The determinant form at head
+dim D). Group ``table1``: ``table1-<w1>x<w2>``, the paper's window grid
 at the gqa64 shape. Every case runs forward and backward. ``--shapes model`` makes one case
 ``model-<preset>-b<B>-s<S>`` from a ``twosimplicial.models.ModelConfig`` preset (+ ``--set
 field=value``): the shape of its 2-simplicial layers (``simplicial_heads``, ``simplicial_kv_heads``,
@@ -68,6 +70,7 @@ import torch
 from tqdm import tqdm
 
 from twosimplicial.models.flops import n_triples
+from twosimplicial.ops import forms
 from twosimplicial.train import parse_value
 
 FLOP_CONVENTION = ("forward 4*D FLOPs per valid triple (i, j, k) with i-w1 < j <= i, i-w2 < k <= i, per batch "
@@ -87,6 +90,7 @@ class Case:
     w1: int
     w2: int
     form: str = "trilinear"
+    native: bool = False           # the form on the kernels' native path (forms.Form.native forced on)
     group: str = "issue"           # issue | table1 | model | sweep
     layers: int | None = None      # model / sweep: how many 2-simplicial layers have this shape
     target: tuple | None = None    # (forward, backward) ratio to cuDNN; None: the issue-18 rule below
@@ -97,7 +101,7 @@ class Case:
 
     @property
     def shape(self) -> str:
-        f = "" if self.form == "trilinear" else f" {self.form}"
+        f = "" if self.form == "trilinear" else f" {self.form}" + (" native" if self.native else "")
         return f"B{self.B} S{self.S} Hq{self.Hq} Hkv{self.Hkv} D{self.D} {self.w1}x{self.w2}{f}"
 
     @property
@@ -134,6 +138,7 @@ ISSUE = [
     Case("lm-b8-s2048-h8-d64", 8, 2048, 8, 8, 64, 512, 32),
     Case("lm-b16-s1024-h2-d128", 16, 1024, 2, 2, 128, 512, 32),
     Case("det", 1, 8192, 16, 16, 128, 512, 32, form="determinant"),
+    Case("det-native", 1, 8192, 16, 16, 128, 512, 32, form="determinant", native=True),
 ]
 TABLE1 = [(1024, 32), (512, 64), (128, 128), (256, 64), (512, 32), (1024, 16), (256, 32)]
 CASES = {c.name: c for c in ISSUE}
@@ -203,6 +208,22 @@ def sweep_cases(config: str, sets: list[str]) -> dict[str, Case]:
             cfg = model_config(run.cfg, data.vocab_size, None, data.seq_len)
             out[name] = model_case(cfg, name, data.batch_size, data.seq_len, "sweep")
     return {n: out[n] for n in (f"sweep-{s['name']}" for s in sw.sweep["sizes"])}
+
+
+def _on_native_path(f, form: str):
+    """``f`` with ``form`` run on the Triton kernels' native path for the duration of each call
+    (``forms.Form.native`` on; a dict write per call, nothing next to a kernel's milliseconds)."""
+    if not hasattr(forms.Form, "native"):         # an older package (the "before" of a comparison)
+        raise RuntimeError("this twosimplicial has no native forms (forms.Form.native)")
+    entry = forms.REGISTRY[form]
+
+    def g(*a):
+        forms.REGISTRY[form] = replace(entry, native=True)
+        try:
+            return f(*a)
+        finally:
+            forms.REGISTRY[form] = entry
+    return g
 
 
 def tiny(c: Case) -> Case:
@@ -291,6 +312,8 @@ def impl_fns(c: Case, impls, device, dtype, gen):
             backend = "torch" if impl == "torch" or device == "cpu" else "triton"
             f = (lambda *a, backend=backend:
                  two_simplicial_attention(*a, c.w1, c.w2, form=c.form, backend=backend))
+            if c.native:
+                f = _on_native_path(f, c.form)
             fns[impl] = (c.flops, *fwd_bwd_fns(f, (q, k1, v1, k2, v2), do))
     sdpas = [i for i in impls if i.startswith("sdpa")]
     if sdpas:

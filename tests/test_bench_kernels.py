@@ -20,7 +20,8 @@ from benchmarks import compare_kernels as ck  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ISSUE_NAMES = ["gqa64", "mha", "mha-d64", "gqa8", "mha-w1024x16", "mha-w256x64", "mha-w128x128",
-               "lm-b16-s1024-h4-d64", "lm-b8-s2048-h8-d64", "lm-b16-s1024-h2-d128", "det"]
+               "lm-b16-s1024-h4-d64", "lm-b8-s2048-h8-d64", "lm-b16-s1024-h2-d128", "det",
+               "det-native"]
 
 
 def test_n_triples_matches_the_sum():
@@ -62,11 +63,11 @@ def test_list_prints_shapes_flops_and_estimate(capsys):
         assert name in out
     gqa64 = next(line for line in out.splitlines() if line.startswith("gqa64 "))
     assert "B2 S8192 Hq64 Hkv1 D128 512x32" in gqa64 and "8.521" in gqa64 and "0.70/0.55" in gqa64
-    assert "18 cases" in out
+    assert "19 cases" in out
     bk.main(["--list", "--quick"])
     out = capsys.readouterr().out
     total = float(out.strip().splitlines()[-1].split("about ")[1].split(" s")[0])
-    assert "11 cases" in out and "twosimplicial,sdpa-cudnn," in out and "table1" not in out
+    assert "12 cases" in out and "twosimplicial,sdpa-cudnn," in out and "table1" not in out
     assert 60 < total < 230                      # the device script's per-run budget (BUDGET=230)
 
 

@@ -183,12 +183,13 @@ def test_custom_ops_pass_opcheck():
     autograd registration: what torch.compile and CUDA graphs rely on."""
     gen = torch.Generator().manual_seed(7)
     q, k1, v1, k2, v2 = make(1, 7, 4, 2, 16, 16, gen=gen)
-    torch.library.opcheck(torch.ops.twosimplicial.fwd.default, (q, k1, v1, k2, v2, 4, 3, 0.25, False),
-                          test_utils=("test_schema", "test_faketensor"))
+    for form in ("trilinear", "determinant"):
+        torch.library.opcheck(torch.ops.twosimplicial.fwd.default, (q, k1, v1, k2, v2, 4, 3, 0.25, False, form),
+                              test_utils=("test_schema", "test_faketensor"))
     out, lse = two_simplicial_fwd(q, k1, v1, k2, v2, 4, 3, 0.25, False)
     do = torch.randn(out.shape, generator=gen)
     torch.library.opcheck(torch.ops.twosimplicial.bwd.default,
-                          (do, q, k1, v1, k2, v2, out, lse, 4, 3, 0.25, False),
+                          (do, q, k1, v1, k2, v2, out, lse, 4, 3, 0.25, False, "trilinear"),
                           test_utils=("test_schema", "test_faketensor"))
 
 

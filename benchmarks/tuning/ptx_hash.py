@@ -51,7 +51,12 @@ CASES = {
     "negative-scale": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, -0.125, {}),
     "wide-d254": (1, 512, 4, 4, 254, 128, 512, 32, BF16, False, 0.125, {}),        # determinant form's head
     "int64": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, 0.125, {"int64_idx": True}),
+    "det-mha": (1, 1024, 4, 4, 128, 128, 512, 32, BF16, False, 0.125, {}),         # the determinant form at D
+    "det-gqa64": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125, {}),
+    "det-k1-small": (1, 512, 4, 2, 64, 64, 32, 100, BF16, False, 0.125, {}),       # sgn = -1
 }
+# cases that compile the kernels' native determinant form (FORM = +-1); the others the trilinear
+FORMS = {"det-mha": "determinant", "det-gqa64": "determinant", "det-k1-small": "determinant"}
 # the backward's kernels in launch order
 BWD_NAMES = ("delta", "keys", "rows")
 
@@ -118,9 +123,10 @@ def run_case(name, fwd, bwd, sink):
     v1, v2 = (torch.randn(B, S, Hkv, Dv, generator=g).to(dtype) for _ in range(2))
     out = torch.randn(B, S, Hq, Dv, generator=g).to(dtype)
     hashes = {}
-    for phase, call in (("fwd", lambda: fwd(q, k1, v1, k2, v2, w1, w2, scale, tf32, config=config)),
+    form = FORMS.get(name, "trilinear")
+    for phase, call in (("fwd", lambda: fwd(q, k1, v1, k2, v2, w1, w2, scale, tf32, config=config, form=form)),
                         ("bwd", lambda: bwd(torch.randn_like(out), q, k1, v1, k2, v2, out, torch.zeros(B, Hq, S),
-                                            w1, w2, scale, tf32))):
+                                            w1, w2, scale, tf32, form=form))):
         sink.clear()
         call()
         labels = ("fwd",) if phase == "fwd" else BWD_NAMES

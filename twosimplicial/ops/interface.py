@@ -161,7 +161,11 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     scale = check_options(scale, form, return_lse, q.shape[-1])
     check_choice("backend", backend, BACKENDS)
     chosen = _pick_backend(backend, q)
-    q, k1, k2 = REGISTRY[form].to_trilinear(q, k1, k2)
+    # the form: computed by the Triton kernels where they can (Form.native), else as the trilinear
+    # form of transformed inputs, which every backend computes
+    kernel_form = form if chosen == "triton" and REGISTRY[form].native else "trilinear"
+    if kernel_form == "trilinear":
+        q, k1, k2 = REGISTRY[form].to_trilinear(q, k1, k2)
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, torch.backends.cuda.matmul.allow_tf32)
     if plan.empty:                                        # empty batch or sequence: nothing to attend
         anchor = sum(t.sum() for t in (q, k1, v1, k2, v2)) * 0    # keeps out in the autograd graph
@@ -174,7 +178,7 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     bad1, bad2 = ~torch.isfinite(v1), ~torch.isfinite(v2)
     v1, v2 = v1.masked_fill(bad1, 0.0), v2.masked_fill(bad2, 0.0)
     if chosen == "triton":
-        out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale)
+        out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale, kernel_form)
     else:
         out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
     out = mark_nonfinite(out, (bad1, plan.w1), (bad2, plan.w2))

@@ -72,7 +72,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import kernel, pack_rows, padded, pow2, strides, sum_combine, z_scaling
+from .common import (chunk_columns, form_code, form_product, kernel, pack_rows, padded, pow2, strides, sum_combine,
+                     z_scaling)
 
 
 @triton.jit
@@ -94,10 +95,12 @@ def _delta(DO, O, DELTA, sdo, so, S, HQ,
 
 
 @triton.jit
-def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dmask, emask, NEG_Z: tl.constexpr):
-    """A rows-kernel tile's per-row inputs: z = q_i * k_s[l] (-z if NEG_Z; logits in log2
-    units are qk_scale * <z, k_b>, common.z_scaling), dO' = dO_i * v_s[l] (both rounded once
-    to the input dtype: packed 16-bit multiplies), Lse_i * log2(e) and Delta_i.
+def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dmask, emask, NEG_Z: tl.constexpr,
+                FORM: tl.constexpr, D: tl.constexpr):
+    """A rows-kernel tile's per-row inputs: z = q_i * k_s[l] (the FORM's product,
+    common.form_product; -z if NEG_Z; logits in log2 units are qk_scale * <z, k_b>,
+    common.z_scaling), dO' = dO_i * v_s[l] (both rounded once to the input dtype: packed 16-bit
+    multiplies), Lse_i * log2(e) and Delta_i.
     Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
     Q, KS, VS, DO, LSE, DELTA = ROW_IN
     sq, sks, svs, sdo = ROW_STRIDES
@@ -113,7 +116,21 @@ def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dm
     dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
     if NEG_Z:
         ks = -ks
-    z = (q.to(tl.float32) * ks.to(tl.float32)).to(Q.dtype.element_ty)
+    if FORM == 0:
+        z = (q.to(tl.float32) * ks.to(tl.float32)).to(Q.dtype.element_ty)
+    else:                       # the determinant form: q and k_s at permuted columns too
+        nx, pv, chunk = chunk_columns(dd, D)
+        rdm = rvalid[:, None] & dmask[None, :]
+        q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2]
+        ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2]
+        q_nx = tl.load(q_ptr + nx[None, :], mask=rdm, other=0.0).to(tl.float32)
+        q_pv = tl.load(q_ptr + pv[None, :], mask=rdm, other=0.0).to(tl.float32)
+        ks_nx = tl.load(ks_ptr + nx[None, :], mask=rdm, other=0.0).to(tl.float32)
+        ks_pv = tl.load(ks_ptr + pv[None, :], mask=rdm, other=0.0).to(tl.float32)
+        if NEG_Z:
+            ks_nx, ks_pv = -ks_nx, -ks_pv
+        z = form_product(ks.to(tl.float32), q.to(tl.float32), ks_nx, ks_pv, q_nx, q_pv, chunk[None, :],
+                         FORM).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
     return z, dop, lse2, dlt
 
@@ -134,7 +151,8 @@ def _tile_at(it, j0, n_t, BI: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee, dmask, emask,
-                 BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, NEG_Z: tl.constexpr):
+                 BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, NEG_Z: tl.constexpr,
+                 FORM: tl.constexpr, D: tl.constexpr):
     """The keys kernel's tile inputs (rows r = (p, hh, tt), offset fastest) from compact loads:
     q, dO once per (position, head) ``[BI, BH, D]``, k_s, v_s once per (position, offset)
     ``[BI, BT, D]``, broadcast into z = q * k_s and dO' = dO * v_s ``[BI * BH * BT, D]`` (rounded
@@ -165,7 +183,22 @@ def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee,
                  mask=lok[:, :, None] & emask[None, None, :], other=0.0)
     if NEG_Z:
         ks = -ks
-    z = (q.to(tl.float32)[:, :, None, :] * ks.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
+    if FORM == 0:
+        z = (q.to(tl.float32)[:, :, None, :] * ks.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
+    else:                       # the determinant form: q and k_s at permuted columns too
+        nx, pv, chunk = chunk_columns(dd, D)
+        qm = qok[:, :, None] & dmask[None, None, :]
+        km = lok[:, :, None] & dmask[None, None, :]
+        q_ptr = Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2]
+        ks_ptr = KS + b * sks[0] + l[:, :, None] * sks[1] + hk * sks[2]
+        q_nx = tl.load(q_ptr + nx[None, None, :], mask=qm, other=0.0).to(tl.float32)[:, :, None, :]
+        q_pv = tl.load(q_ptr + pv[None, None, :], mask=qm, other=0.0).to(tl.float32)[:, :, None, :]
+        ks_nx = tl.load(ks_ptr + nx[None, None, :], mask=km, other=0.0).to(tl.float32)[:, None, :, :]
+        ks_pv = tl.load(ks_ptr + pv[None, None, :], mask=km, other=0.0).to(tl.float32)[:, None, :, :]
+        if NEG_Z:
+            ks_nx, ks_pv = -ks_nx, -ks_pv
+        z = form_product(ks.to(tl.float32)[:, None, :, :], q.to(tl.float32)[:, :, None, :], ks_nx, ks_pv, q_nx, q_pv,
+                         chunk[None, None, None, :], FORM).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32)[:, :, None, :] * vs.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
     z = tl.reshape(z, [BM, z.shape[3]])
     dop = tl.reshape(dop, [BM, dop.shape[3]])
@@ -180,13 +213,13 @@ def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee,
 def _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask,
                BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, MASK: tl.constexpr,
-               PRECISION: tl.constexpr, NEG_Z: tl.constexpr):
+               PRECISION: tl.constexpr, NEG_Z: tl.constexpr, FORM: tl.constexpr, D: tl.constexpr):
     """One row tile (positions i0 + p, heads h0 + hh, offsets t0 + tt; r = (p, hh, tt), offset
     fastest) against the program's key block: dk_b += dS^T z, dv_b += P^T dO'. MASK: keys
     outside a row's window are skipped; without it every key must be in every row's window."""
     ii = i0 + r // (BT * BH)
     z, dop, lse2, dlt = _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee, dmask, emask,
-                                     BI, BH, BT, NEG_Z)
+                                     BI, BH, BT, NEG_Z, FORM, D)
     # S^T = k_b z^T;  P^T = exp2(qk_scale S^T - Lse_i log2 e), zero outside the windows
     # (clamped at 0: P <= 1 exactly, so rounding can never overflow exp2)
     sT = tl.dot(kb, tl.trans(z), input_precision=PRECISION)
@@ -211,7 +244,7 @@ def _bwd_big_keys(
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-    PRECISION: tl.constexpr, NEG_Z: tl.constexpr,
+    PRECISION: tl.constexpr, NEG_Z: tl.constexpr, FORM: tl.constexpr,
 ):
     """dk_b, dv_b for keys [j0, j0 + BN) of one (batch, kv head): every virtual row that sees
     them (positions j0 <= i < j0 + BN - 1 + wb, all heads of the group, all offsets)."""
@@ -251,15 +284,15 @@ def _bwd_big_keys(
         for it in range(0, m_a * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
             dk, dv = _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
-                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
+                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z, FORM, D)
         for it in range(m_a * n_t, m_c * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
             dk, dv = _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
-                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, False, PRECISION, NEG_Z)
+                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, False, PRECISION, NEG_Z, FORM, D)
         for it in range(m_c * n_t, m_end * n_t):
             i0, t0 = _tile_at(it, j0, n_t, BI, BT)
             dk, dv = _keys_tile(ROW_IN, ROW_STRIDES, kb, vb, dk, dv, b, hk, h0, i0, t0, jj, r,
-                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z)
+                                S, HQ, GQA, WS, WB, qk_scale, dd, ee, dmask, emask, BI, BH, BT, True, PRECISION, NEG_Z, FORM, D)
 
     # dk_b = scale * sum dS (q * k_s) = |scale| * sum dS z  (z carries the sign of scale)
     dk = dk * dk_scale
@@ -334,7 +367,7 @@ def _bwd_rows(
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, LB: tl.constexpr, NQ_PAD: tl.constexpr,
     PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr,
-    NEG_Z: tl.constexpr,
+    NEG_Z: tl.constexpr, FORM: tl.constexpr,
 ):
     """dq for positions [I0, I0 + NB) and heads of one head block; dk_s, dv_s partial sums."""
     pid_p = tl.program_id(0)
@@ -385,10 +418,10 @@ def _bwd_rows(
             # goes to shared memory by 16-bit stores, so they keep the per-row loads
             if BI == 1:
                 z, dop, lse2, dlt = _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS,
-                                                 dd, ee, dmask, emask, BI, BH, BT, NEG_Z)
+                                                 dd, ee, dmask, emask, BI, BH, BT, NEG_Z, FORM, D)
             else:
                 z, dop, lse2, dlt = _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ,
-                                                dd, ee, dmask, emask, NEG_Z)
+                                                dd, ee, dmask, emask, NEG_Z, FORM, D)
             if BI > 1:
                 # z, dO' pass through a select on rvalid: a no-op on the values (rows outside the
                 # problem are zero already), but it keeps the compiler from converting q, k_s,
@@ -441,12 +474,33 @@ def _bwd_rows(
             do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + hq[:, None] * sdo[2] + ee[None, :],
                          mask=rvalid[:, None] & emask[None, :], other=0.0, cache_modifier=".ca")
             _slice_add(pv, slot, smask, ee, onehot, acc * do.to(tl.float32), DV_PAD, ONEHOT_BF16, SPLIT)
-            q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :],
-                        mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
-            _slice_add(pk, slot, smask, dd, onehot, dz * q.to(tl.float32), D_PAD, ONEHOT_BF16, SPLIT)
-            ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :],
-                         mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
-            dq = _onehot_sum(dq, onehot_q, dz * ks.to(tl.float32), ONEHOT_BF16, SPLIT)
+            if FORM == 0:
+                q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :],
+                            mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
+                _slice_add(pk, slot, smask, dd, onehot, dz * q.to(tl.float32), D_PAD, ONEHOT_BF16, SPLIT)
+                ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :],
+                             mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
+                dq = _onehot_sum(dq, onehot_q, dz * ks.to(tl.float32), ONEHOT_BF16, SPLIT)
+            else:
+                # the determinant form: dk_s += sgn (q x dz), dq += sgn (dz x k_s) per 3-chunk
+                # (common.form_product), with dz at the permuted columns by a register gather
+                # once per tile
+                c_nx, c_pv, chunk = chunk_columns(dd, D)    # (pv is dv_s's buffer here)
+                q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2]
+                ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2]
+                rdm = rvalid[:, None] & dmask[None, :]
+                q = tl.load(q_ptr + dd[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                dz_nx = tl.gather(dz, tl.broadcast_to(c_nx[None, :], [BM, D_PAD]), 1)
+                dz_pv = tl.gather(dz, tl.broadcast_to(c_pv[None, :], [BM, D_PAD]), 1)
+                q_nx = tl.load(q_ptr + c_nx[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                q_pv = tl.load(q_ptr + c_pv[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                _slice_add(pk, slot, smask, dd, onehot,
+                           form_product(q, dz, q_nx, q_pv, dz_nx, dz_pv, chunk[None, :], FORM), D_PAD, ONEHOT_BF16, SPLIT)
+                ks = tl.load(ks_ptr + dd[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                ks_nx = tl.load(ks_ptr + c_nx[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                ks_pv = tl.load(ks_ptr + c_pv[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                dq = _onehot_sum(dq, onehot_q, form_product(dz, ks, dz_nx, dz_pv, ks_nx, ks_pv, chunk[None, :], FORM),
+                                 ONEHOT_BF16, SPLIT)
         iq = i0 + rq // BH
         tl.store(DQ + b * sdq[0] + iq[:, None] * sdq[1] + hq_q[:, None] * sdq[2] + dd[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(hvalid_q & (iq < S))[:, None] & dmask[None, :])
@@ -495,8 +549,9 @@ def bwd_config(device: torch.device, ws: int, gqa: int, D: int, DV: int, elt: in
 _SHRINK = {}     # (dtype, D, Dv, precision) -> how often the tiles had to be halved to fit
 
 
-def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32, config=None):
-    """Gradients ``(dq, dk1, dv1, dk2, dv2)`` of the trilinear 2-simplicial attention.
+def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32, config=None, form="trilinear"):
+    """Gradients ``(dq, dk1, dv1, dk2, dv2)`` of 2-simplicial attention in ``form``
+    (``"trilinear"`` or ``"determinant"``, as in the forward).
 
     do, out ``[B, S, Hq, Dv]``; q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2
     ``[B, S, Hkv, Dv]``; lse ``[B, Hq, S]`` float32 (natural log) from the forward.
@@ -505,11 +560,11 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     see ``_launch``): for benchmarks and tests. The window roles come from
     :func:`~twosimplicial.ops.plan.make_plan`, as in the forward."""
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
-    dq, dks, dvs, dkb, dvb = canonical_bwd(plan, do, q, *plan.split(k1, v1, k2, v2), out, lse, scale, config)
+    dq, dks, dvs, dkb, dvb = canonical_bwd(plan, do, q, *plan.split(k1, v1, k2, v2), out, lse, scale, config, form)
     return (dq, *plan.merge(dks, dvs, dkb, dvb))
 
 
-def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=None):
+def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=None, form="trilinear"):
     """:func:`two_simplicial_bwd` on the canonical problem (``(ks, vs)`` over the small window
     ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``): ``(dq, dks, dvs, dkb, dvb)``."""
     B, S, HQ, D, DV, ws, wb = plan.B, plan.S, plan.Hq, plan.D, plan.Dv, plan.ws, plan.wb
@@ -529,7 +584,7 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
         cfg.update(config or {})
         try:
             dq, dkb, dvb, dks_part, dvs_part, NB = _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb,
-                                                          scale, plan.precision, cfg)
+                                                          scale, plan.precision, cfg, form_code(form, plan.swap))
             break
         except triton.runtime.errors.OutOfResources:
             # shared memory: halve the tiles (fp32 IEEE products and wide heads need it)
@@ -542,7 +597,7 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
     return dq, dks, dvs, dkb.view_as(kb), dvb.view_as(vb)
 
 
-def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
+def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg, form_id=0):
     B, S, HQ, D = q.shape
     HKV, DV = ks.shape[2], vs.shape[3]
     GQA = HQ // HKV
@@ -550,7 +605,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg):
     D_PAD, DV_PAD = padded(D), padded(DV)
     LB = max(16, pow2(BI + BT - 1))
     neg_z, qk_scale = z_scaling(scale)        # the forward's rounding of z, so P is recomputed exactly
-    kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision, NEG_Z=neg_z)
+    kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision, NEG_Z=neg_z, FORM=form_id)
     ins = (q, ks, vs, kb, vb, do, lse, delta)                       # both kernels' inputs, then
     ins_strides = tuple(strides(x) for x in (q, ks, vs, kb, vb, do))  # their outputs, strides alike
 

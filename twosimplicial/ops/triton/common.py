@@ -17,6 +17,10 @@ Vocabulary (both kernels; docs/kernels.md, Virtual rows and the tile)::
     NHB             head blocks of BH heads per kv group
     PRECISION       tl.dot's input_precision ("ieee" or "tf32"), from the plan
     NEG_Z           the scale is negative: z = -(q * k_s) (:func:`z_scaling`)
+    FORM            the form the kernels compute (:func:`form_code`): 0 trilinear, z = q * k_s;
+                    +1 / -1 the determinant form at head dim D, z = sgn * (k_s x q) per 3-chunk
+                    (docs/kernels.md, The determinant form at head dim D); nx, pv the column of
+                    the next and the previous dim inside each chunk (:func:`chunk_columns`)
     Q, KS, VS, KB, VB, O, LSE, DO, ...  tensors (pointers), in the roles of the plan;
     sq, sks, svs, skb, svb, so, sdo, ... their (batch, seq, head) strides, one tuple each
                     (:func:`strides`), indexed [0], [1], [2]
@@ -57,6 +61,47 @@ def z_scaling(scale: float) -> tuple[bool, float]:
     input dtype, and the base-2 logits are ``qk_scale * <z, k_b>`` with ``qk_scale = |scale| *
     log2(e) > 0``. A zero scale runs as 1e-30 (logits ~1e-28: the same uniform softmax in fp32)."""
     return scale < 0, max(abs(float(scale)), 1e-30) * LOG2E
+
+
+def form_code(form: str, swap: bool) -> int:
+    """The kernels' ``FORM`` for ``form`` (one the kernels compute natively: ``forms.Form.native``)
+    and the plan's roles: 0 for the trilinear form; for the determinant form the sign ``sgn`` of
+    ``z = sgn * (k_s x q)``: +1 when k2 is the small window's key set (``plan.swap``), since
+    ``det[q; k1; k2] = k1 . (k2 x q)``, and -1 when k1 is, since it is also ``k2 . (q x k1)``."""
+    if form == "trilinear":
+        return 0
+    if form == "determinant":
+        return 1 if swap else -1
+    raise ValueError(f"form must be 'trilinear' or 'determinant' for the Triton kernels, got {form!r}")
+
+
+@triton.jit
+def chunk_columns(dd, D: tl.constexpr):
+    """For column indices ``dd``: the next and the previous column inside each 3-chunk of the
+    first ``3 * (D // 3)`` dims (``(a x b)_d = a[nx] b[pv] - a[pv] b[nx]``), the column itself on
+    the leftover and padding dims; and the mask of the chunk dims."""
+    C3: tl.constexpr = 3 * (D // 3)
+    m = dd % 3
+    chunk = dd < C3
+    return tl.where(chunk, dd - m + (m + 1) % 3, dd), tl.where(chunk, dd - m + (m + 2) % 3, dd), chunk
+
+
+@triton.jit
+def form_product(x, y, x_nx, x_pv, y_nx, y_pv, chunk, FORM: tl.constexpr):
+    """The form's product of two rows, of which the virtual query and its gradients are made:
+    ``z = form_product(k_s, q)``, ``dk_s = form_product(q, dz)``, ``dq = form_product(dz, k_s)``.
+    Trilinear (FORM 0): ``x * y``. Determinant (FORM = sgn): ``sgn * (x cross y)`` per 3-chunk
+    (``x_nx``, ``x_pv``: x at the permuted columns of :func:`chunk_columns`), ``x * y`` on the
+    leftover dims. The gradients follow from <z, dz> = sgn (k_s x q) . dz = sgn q . (dz x k_s)
+    = sgn k_s . (q x dz)."""
+    if FORM == 0:
+        return x * y
+    else:
+        if FORM > 0:
+            c = x_nx * y_pv - x_pv * y_nx
+        else:
+            c = y_nx * x_pv - y_pv * x_nx
+        return tl.where(chunk, c, x * y)
 
 
 def pack_rows(bm: int, gqa: int, ws: int) -> tuple[int, int, int]:

@@ -64,7 +64,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import kernel, max_combine, pack_rows, padded, pow2, strides, sum_combine, z_scaling
+from .common import (chunk_columns, form_code, form_product, kernel, max_combine, pack_rows, padded, pow2, strides,
+                     sum_combine, z_scaling)
 
 
 @triton.jit
@@ -75,7 +76,7 @@ def _two_simplicial_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BN: tl.constexpr, BN2: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
     PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr, PREFETCH_VS: tl.constexpr, INT64_IDX: tl.constexpr,
-    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NEG_Z: tl.constexpr,
+    USE_TMA: tl.constexpr, EDGE_DOT: tl.constexpr, NEG_Z: tl.constexpr, FORM: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = D == D_PAD
     EVEN_DV: tl.constexpr = DV == DV_PAD
@@ -106,6 +107,7 @@ def _two_simplicial_fwd_kernel(
     ee = tl.arange(0, DV_PAD)
     dmask = dd < D
     emask = ee < DV
+    nx, pv, chunk = chunk_columns(dd, D)             # the determinant form's permuted columns
 
     q_row_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :]
     ks_base = KS + b * sks[0] + hk * sks[2]
@@ -164,11 +166,19 @@ def _two_simplicial_fwd_kernel(
             # issued with q and k_s, so that the tile waits for one memory latency before its first
             # key block, not two (v_s goes to the MMA layout before the loop); held until the merge
             vs_rows = tl.load(vs_row_ptr, mask=rvalid[:, None] & emask[None, :], other=0.0).to(tl.float32)
-        # (1): virtual query z = q * k_s, one rounding to the input dtype (a packed 16-bit multiply);
-        # a negative scale is carried as -z, so qk_scale = |scale| log2(e) > 0 (see z_scaling)
+        q_nx, q_pv, ks_nx, ks_pv = q_rows, q_rows, ks_rows, ks_rows
+        if FORM != 0:                                # the determinant form: q, k_s at permuted columns too
+            rdm = rvalid[:, None] & dmask[None, :]
+            q_nx = tl.load(q_row_ptr + (nx - dd)[None, :], mask=rdm, other=0.0).to(tl.float32)
+            q_pv = tl.load(q_row_ptr + (pv - dd)[None, :], mask=rdm, other=0.0).to(tl.float32)
+            ks_nx = tl.load(ks_base + l[:, None] * sks[1] + nx[None, :], mask=rdm, other=0.0).to(tl.float32)
+            ks_pv = tl.load(ks_base + l[:, None] * sks[1] + pv[None, :], mask=rdm, other=0.0).to(tl.float32)
+        # (1): virtual query z = q * k_s (the determinant form: sgn * (k_s x q) per 3-chunk), one
+        # rounding to the input dtype (a packed 16-bit multiply); a negative scale is carried as
+        # -z, so qk_scale = |scale| log2(e) > 0 (see z_scaling)
         if NEG_Z:
-            ks_rows = -ks_rows
-        z = (q_rows * ks_rows).to(KB.dtype.element_ty)
+            ks_rows, ks_nx, ks_pv = -ks_rows, -ks_nx, -ks_pv
+        z = form_product(ks_rows, q_rows, ks_nx, ks_pv, q_nx, q_pv, chunk[None, :], FORM).to(KB.dtype.element_ty)
         if EDGE_DOT:
             # s_e[r] = <z_r, k_b[i0 + 1]> (same rounded z) by a [BM, 16] tensor-core product
             # (16 equal columns), not a row reduction of z * k_b[i0 + 1]: shorter before the first
@@ -328,8 +338,10 @@ def _kv_desc(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
-def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None):
-    """Forward of trilinear 2-simplicial attention.
+def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None,
+                       form: str = "trilinear"):
+    """Forward of 2-simplicial attention in ``form``, ``"trilinear"`` or ``"determinant"``
+    (at head dim D: docs/kernels.md, The determinant form at head dim D).
 
     q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2 ``[B, S, Hkv, Dv]`` (any strides;
     a non-unit last stride is made contiguous). Returns ``(out [B, S, Hq, Dv] in q.dtype,
@@ -340,10 +352,10 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     in the backward.
     """
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
-    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config)
+    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config, form)
 
 
-def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None):
+def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None, form: str = "trilinear"):
     """:func:`two_simplicial_fwd` on the canonical problem: ``(ks, vs)`` over the small window
     ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``."""
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
@@ -370,7 +382,8 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | No
         D=D, DV=Dv, D_PAD=padded(D), DV_PAD=padded(Dv), BN=BN, BN2=BN2, BI=BI, BH=BH, BT=BT,
         PRECISION=plan.precision, ONE_CHUNK=ws <= BT, PREFETCH_VS=bool(cfg["prefetch_vs"]),
         INT64_IDX=bool(cfg["int64_idx"]) or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, num_warps=cfg["num_warps"],
+        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, FORM=form_code(form, plan.swap),
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
     )

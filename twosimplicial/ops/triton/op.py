@@ -37,12 +37,12 @@ from .fwd import two_simplicial_fwd
 
 @torch.library.custom_op("twosimplicial::fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor,
-         w1: int, w2: int, scale: float, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32)
+         w1: int, w2: int, scale: float, allow_tf32: bool, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form=form)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32):
+def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form):
     B, S, Hq, _ = q.shape
     out = q.new_empty((B, S, Hq, v1.shape[3]))
     lse = q.new_empty((B, Hq, S), dtype=torch.float32)
@@ -52,31 +52,31 @@ def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32):
 @torch.library.custom_op("twosimplicial::bwd", mutates_args=())
 def _bwd(do: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor,
          v2: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, w1: int, w2: int, scale: float,
-         allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32)
+         allow_tf32: bool, form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32, form=form)
     # the fake promises contiguous gradients (inductor asserts the strides); the kernels may
     # hand back gathered views
     return tuple(g.contiguous() for g in grads)
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32):
+def _bwd_fake(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32, form):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k1, v1, k2, v2))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k1, v1, k2, v2, w1, w2, scale, allow_tf32 = inputs
+    q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form = inputs
     out, lse = output
     ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
-    ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32 = w1, w2, scale, allow_tf32
+    ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32, ctx.form = w1, w2, scale, allow_tf32, form
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
     q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
     dq, dk1, dv1, dk2, dv2 = _bwd(dout.contiguous(), q, k1, v1, k2, v2, out, lse,
-                                  ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32)
-    return dq, dk1, dv1, dk2, dv2, None, None, None, None
+                                  ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32, ctx.form)
+    return dq, dk1, dv1, dk2, dv2, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -86,14 +86,15 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def triton_attention(plan: Plan, q, k1, v1, k2, v2, scale: float):
-    """Differentiable trilinear 2-simplicial attention on the Triton kernels, for ``plan``.
+def triton_attention(plan: Plan, q, k1, v1, k2, v2, scale: float, form: str = "trilinear"):
+    """Differentiable 2-simplicial attention on the Triton kernels, for ``plan``, in ``form``: the
+    trilinear form, or a form the kernels compute natively (``forms.Form.native``).
 
     Inputs are already validated by ``twosimplicial.ops.interface`` (same dtype among
     float16/bfloat16/float32, same device, ``[B, S, H, D]`` layout, ``Hq % Hkv == 0``).
     Returns ``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S] float32)``.
     """
-    return _fwd(q, k1, v1, k2, v2, plan.w1, plan.w2, float(scale), plan.allow_tf32)
+    return _fwd(q, k1, v1, k2, v2, plan.w1, plan.w2, float(scale), plan.allow_tf32, form)
 
 
 def triton_two_simplicial(q, k1, v1, k2, v2, w1: int, w2: int, scale: float):

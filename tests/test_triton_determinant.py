@@ -1,0 +1,84 @@
+"""The determinant form computed by the Triton kernels at head dim D (``FORM`` = +-1: the virtual
+query is a cross product, docs/kernels.md, The determinant form at head dim D) against float64
+autograd through the dense reference.
+
+CPU: the interpreter (tiny tiles), fp32 and fp16. GPU (``-m gpu``): bf16/fp16/fp32 at tiles the
+GPU uses. ``Form.native`` is off for the determinant form until these pass on a GPU, so the tests
+call the kernels with the form directly (``native`` fixture).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from twosimplicial import two_simplicial_attention  # noqa: E402
+from twosimplicial.ops import forms  # noqa: E402
+from twosimplicial.ops.naive import naive_two_simplicial_attention  # noqa: E402
+
+NAMES = ("q", "k1", "v1", "k2", "v2")
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """The op with the determinant form on the kernels' native path."""
+    monkeypatch.setitem(forms.REGISTRY, "determinant", dataclasses.replace(forms.REGISTRY["determinant"], native=True))
+
+
+def _check(device, dtype, B, S, Hq, Hkv, D, Dv, w1, w2, scale, tol, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ins = [torch.randn(B, S, h, d, generator=gen, dtype=torch.float64)
+           for h, d in ((Hq, D), (Hkv, D), (Hkv, Dv), (Hkv, D), (Hkv, Dv))]
+    do = torch.randn(B, S, Hq, Dv, generator=gen, dtype=torch.float64)
+    ins = [t.to(dtype) for t in ins]                       # the reference gets the same rounded inputs
+    ref = [t.double().requires_grad_() for t in ins]
+    out_r, lse_r = naive_two_simplicial_attention(*ref, w1, w2, scale, form="determinant")
+    out_r.backward(do)
+    xs = [t.to(device).requires_grad_() for t in ins]
+    out, lse = two_simplicial_attention(*xs, w1, w2, scale=scale, form="determinant", return_lse=True,
+                                        backend="triton")
+    out.backward(do.to(device, dtype))
+    errs = {"out": out, "lse": lse, **{n: x.grad for n, x in zip(NAMES, xs)}}
+    refs = {"out": out_r, "lse": lse_r, **{n: x.grad for n, x in zip(NAMES, ref)}}
+    for name in errs:
+        g, r = errs[name].detach().cpu().double(), refs[name].detach().double()
+        assert torch.isfinite(g).all(), name
+        errs[name] = (g - r).norm().item() / max(r.norm().item(), 1e-6 * r.numel() ** 0.5)
+    assert max(errs.values()) < tol, errs
+
+
+@pytest.mark.parametrize("D", [3, 7, 16])                           # no leftover dim, one, one past 15
+@pytest.mark.parametrize("w1, w2", [(6, 3), (3, 6), (40, 40)])      # k2 small, k1 small, windows past S
+def test_native_determinant_matches_the_reference(native, monkeypatch, D, w1, w2):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _check("cpu", torch.float32, 1, 11, 4, 2, D, 5, w1, w2, 1 / math.sqrt(D), 1e-5)
+
+
+def test_native_determinant_negative_scale_fp16_and_mqa(native, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _check("cpu", torch.float32, 2, 9, 3, 1, 8, 4, 5, 2, -0.3, 1e-5, seed=1)
+    _check("cpu", torch.float16, 1, 10, 2, 2, 9, 8, 4, 7, 0.3, 5e-3, seed=2)
+
+
+def test_native_determinant_is_the_transform_on_the_kernels(native, monkeypatch):
+    """The native path and the transformed path (2D-wide trilinear) agree on the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 13, 2, d, generator=gen) for d in (10, 10, 6, 10, 6)]
+    a = two_simplicial_attention(*xs, 7, 4, form="determinant", backend="triton")
+    monkeypatch.setitem(forms.REGISTRY, "determinant", dataclasses.replace(forms.REGISTRY["determinant"], native=False))
+    b = two_simplicial_attention(*xs, 7, 4, form="determinant", backend="triton")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)], ids=str)
+@pytest.mark.parametrize("case", [(1, 300, 8, 8, 128, 128, 128, 32), (2, 200, 8, 1, 64, 64, 40, 100),
+                                  (1, 1, 2, 2, 64, 64, 1, 1), (1, 70, 4, 2, 48, 32, 16, 16)], ids=str)
+def test_native_determinant_matches_the_reference_gpu(native, dtype, tol, case):
+    B, S, Hq, Hkv, D, Dv, w1, w2 = case
+    _check("cuda", dtype, B, S, Hq, Hkv, D, Dv, w1, w2, 1 / math.sqrt(D), tol)
