@@ -5,12 +5,19 @@
 #   3. tokens/s of a dot-product and a 2-simplicial LM of the same size (configs/gpu_*.toml,
 #      short runs), and the 2-simplicial one again under torch.compile.
 # Usage on the device: OUT=/some/dir bash benchmarks/device_run.sh [tests|bench|train ...]
+# Wheels carried in .whl/ (carry: [".whl"]) are installed into /tmp/site first: with pytest-xdist's
+# (pytest_xdist, execnet) the GPU tests run in TEST_WORKERS processes (default 4), which compile
+# their Triton kernels side by side (the suite alone took about 500 s on a fresh H100).
 # STEPS sets the training steps; TRAIN_SETS adds --set overrides to both training runs (a CPU
 # dry run of the plumbing: TRAIN_SETS="run.device=cpu model.preset=tiny data.seq_len=64").
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TWOSIMPLICIAL_CACHE=/tmp/ts-cache
 OUT=${OUT:-/tmp/ts-out}
 mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 steps=${STEPS:-80}
 parts=${*:-tests bench train}
 python3 - <<'PY' | tee "$OUT/env.txt"
@@ -25,7 +32,11 @@ else:
 PY
 for part in $parts; do
   case $part in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    tests)
+      workers=()
+      if python3 -c "import xdist" 2> /dev/null; then workers=(-n "${TEST_WORKERS:-4}"); fi
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=15 "${workers[@]}" tests/ 2>&1 \
+        | tee "$OUT/gpu-tests.log" | tail -40 ;;
     bench) python3 benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     train)
       common=(--set train.max_steps=$steps --set train.eval_interval=100000 --set train.ckpt_interval=100000
