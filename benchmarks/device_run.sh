@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TWOSIMPLICIAL_CACHE=/tmp/ts-cache
 OUT=${OUT:-/tmp/ts-out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 steps=${STEPS:-80}

@@ -10,6 +10,9 @@
 # MODE=lr: the check of configs/scaling.toml's header, one process per peak lr (2e-3, 4e-3, 8e-3)
 #   side by side, each training the smallest and the largest size, both architectures, seed 0,
 #   10M tokens, no HumanEval. Run files: results/scaling_lr/lr<lr>/runs/; archive lr_runs.tar.gz.
+#   LR_SIZES, LR_TOKENS, LR_WARMUP and LR_DIR override the sizes, tokens, warm-up steps and the
+#   results folder (a CPU rehearsal: CONFIG=configs/scaling_cpu.toml LR_SIZES='[{name="d16",dim=16,
+#   n_layers=2}]' LR_TOKENS=2048 LR_WARMUP=2 LR_DIR=/tmp/lr).
 # MODE=grid: SHARDS (default 2) sweeps of CONFIG (default configs/scaling.toml) side by side, each
 #   with --time-budget BUDGET (default 500 s; a run starts only if its estimate fits, and a process
 #   still running at BUDGET + 40 s is stopped, so that the archive is written inside the 600 s of a
@@ -34,7 +37,7 @@ log="$OUT/sweep.log"
   echo "MODE=$MODE CONFIG=$CONFIG SHARDS=$SHARDS BUDGET=$BUDGET"; } | tee -a "$log"
 
 if compgen -G ".whl/*.whl" > /dev/null; then
-  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$log"
+  pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2 | tee -a "$log"
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
@@ -44,17 +47,19 @@ outcome() { tr '\r' '\n' < "$1" | grep -E ': N=|: skipped|: stopped|"finished"|E
 
 case "$MODE" in
   lr)
-    lr_args=(--set 'sweep.seeds=[0]'
-             --set 'sweep.sizes=[{name="d128-l4",dim=128,n_layers=4},{name="d512-l8",dim=512,n_layers=8}]'
-             --set sweep.tokens=10_000_000 --set train.warmup_steps=61 --set sweep.eval_humaneval=false)
+    lr_dir=${LR_DIR:-results/scaling_lr}
+    sizes='[{name="d128-l4",dim=128,n_layers=4},{name="d512-l8",dim=512,n_layers=8}]'
+    lr_args=(--set 'sweep.seeds=[0]' --set "sweep.sizes=${LR_SIZES:-$sizes}"
+             --set "sweep.tokens=${LR_TOKENS:-10_000_000}" --set "train.warmup_steps=${LR_WARMUP:-61}"
+             --set sweep.eval_humaneval=false)
     ts sweep "$CONFIG" "${lr_args[@]}" --set sweep.results_dir=/tmp/ts-dry --dry-run 2>&1 | tail -4 | tee -a "$log"
     for lr in 2e-3 4e-3 8e-3; do
-      timeout -k 10 $((BUDGET + 40)) "$PYTHON" -m twosimplicial.cli sweep "$CONFIG" "${lr_args[@]}" --set train.lr=$lr --set sweep.results_dir=results/scaling_lr/lr$lr \
-        --set sweep.runs_dir=runs/scaling_lr/lr$lr --time-budget "$BUDGET" > "$OUT/lr$lr.log" 2>&1 &
+      timeout -k 10 $((BUDGET + 40)) "$PYTHON" -m twosimplicial.cli sweep "$CONFIG" "${lr_args[@]}" --set train.lr=$lr --set sweep.results_dir=$lr_dir/lr$lr \
+        --set sweep.runs_dir=/tmp/ts-runs/scaling_lr/lr$lr --time-budget "$BUDGET" > "$OUT/lr$lr.log" 2>&1 &
     done
     wait
     for lr in 2e-3 4e-3 8e-3; do echo "== lr $lr"; outcome "$OUT/lr$lr.log"; done | tee -a "$log"
-    tar czf "$OUT/lr_runs.tar.gz" -C results/scaling_lr . ;;
+    tar czf "$OUT/lr_runs.tar.gz" -C "$lr_dir" . ;;
   grid)
     ts sweep "$CONFIG" --dry-run 2>&1 | tail -4 | tee -a "$log"
     for ((k = 0; k < SHARDS; k++)); do
