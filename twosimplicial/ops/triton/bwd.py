@@ -119,7 +119,7 @@ def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dm
     if FORM == 0:
         z = (q.to(tl.float32) * ks.to(tl.float32)).to(Q.dtype.element_ty)
     else:                       # the determinant form: q and k_s at permuted columns too
-        nx, pv, chunk = chunk_columns(dd, D)
+        nx, pv, in_c3 = chunk_columns(dd, D)
         rdm = rvalid[:, None] & dmask[None, :]
         q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2]
         ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2]
@@ -129,7 +129,7 @@ def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dm
         ks_pv = tl.load(ks_ptr + pv[None, :], mask=rdm, other=0.0).to(tl.float32)
         if NEG_Z:
             ks_nx, ks_pv = -ks_nx, -ks_pv
-        z = form_product(ks.to(tl.float32), q.to(tl.float32), ks_nx, ks_pv, q_nx, q_pv, chunk[None, :],
+        z = form_product(ks.to(tl.float32), q.to(tl.float32), ks_nx, ks_pv, q_nx, q_pv, in_c3[None, :],
                          FORM).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
     return z, dop, lse2, dlt
@@ -186,7 +186,7 @@ def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee,
     if FORM == 0:
         z = (q.to(tl.float32)[:, :, None, :] * ks.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
     else:                       # the determinant form: q and k_s at permuted columns too
-        nx, pv, chunk = chunk_columns(dd, D)
+        nx, pv, in_c3 = chunk_columns(dd, D)
         qm = qok[:, :, None] & dmask[None, None, :]
         km = lok[:, :, None] & dmask[None, None, :]
         q_ptr = Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2]
@@ -198,7 +198,7 @@ def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee,
         if NEG_Z:
             ks_nx, ks_pv = -ks_nx, -ks_pv
         z = form_product(ks.to(tl.float32)[:, None, :, :], q.to(tl.float32)[:, :, None, :], ks_nx, ks_pv, q_nx, q_pv,
-                         chunk[None, None, None, :], FORM).to(Q.dtype.element_ty)
+                         in_c3[None, None, None, :], FORM).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32)[:, :, None, :] * vs.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
     z = tl.reshape(z, [BM, z.shape[3]])
     dop = tl.reshape(dop, [BM, dop.shape[3]])
@@ -485,7 +485,7 @@ def _bwd_rows(
                 # the determinant form: dk_s += sgn (q x dz), dq += sgn (dz x k_s) per 3-chunk
                 # (common.form_product), with dz at the permuted columns by a register gather
                 # once per tile
-                c_nx, c_pv, chunk = chunk_columns(dd, D)    # (pv is dv_s's buffer here)
+                c_nx, c_pv, in_c3 = chunk_columns(dd, D)    # (pv is dv_s's buffer here)
                 q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2]
                 ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2]
                 rdm = rvalid[:, None] & dmask[None, :]
@@ -495,11 +495,11 @@ def _bwd_rows(
                 q_nx = tl.load(q_ptr + c_nx[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 q_pv = tl.load(q_ptr + c_pv[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 _slice_add(pk, slot, smask, dd, onehot,
-                           form_product(q, dz, q_nx, q_pv, dz_nx, dz_pv, chunk[None, :], FORM), D_PAD, ONEHOT_BF16, SPLIT)
+                           form_product(q, dz, q_nx, q_pv, dz_nx, dz_pv, in_c3[None, :], FORM), D_PAD, ONEHOT_BF16, SPLIT)
                 ks = tl.load(ks_ptr + dd[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 ks_nx = tl.load(ks_ptr + c_nx[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 ks_pv = tl.load(ks_ptr + c_pv[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
-                dq = _onehot_sum(dq, onehot_q, form_product(dz, ks, dz_nx, dz_pv, ks_nx, ks_pv, chunk[None, :], FORM),
+                dq = _onehot_sum(dq, onehot_q, form_product(dz, ks, dz_nx, dz_pv, ks_nx, ks_pv, in_c3[None, :], FORM),
                                  ONEHOT_BF16, SPLIT)
         iq = i0 + rq // BH
         tl.store(DQ + b * sdq[0] + iq[:, None] * sdq[1] + hq_q[:, None] * sdq[2] + dd[None, :],

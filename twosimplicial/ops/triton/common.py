@@ -82,12 +82,12 @@ def chunk_columns(dd, D: tl.constexpr):
     the leftover and padding dims; and the mask of the chunk dims."""
     C3: tl.constexpr = 3 * (D // 3)
     m = dd % 3
-    chunk = dd < C3
-    return tl.where(chunk, dd - m + (m + 1) % 3, dd), tl.where(chunk, dd - m + (m + 2) % 3, dd), chunk
+    in_c3 = dd < C3
+    return tl.where(in_c3, dd - m + (m + 1) % 3, dd), tl.where(in_c3, dd - m + (m + 2) % 3, dd), in_c3
 
 
 @triton.jit
-def form_product(x, y, x_nx, x_pv, y_nx, y_pv, chunk, FORM: tl.constexpr):
+def form_product(x, y, x_nx, x_pv, y_nx, y_pv, in_c3, FORM: tl.constexpr):
     """The form's product of two rows, of which the virtual query and its gradients are made:
     ``z = form_product(k_s, q)``, ``dk_s = form_product(q, dz)``, ``dq = form_product(dz, k_s)``.
     Trilinear (FORM 0): ``x * y``. Determinant (FORM = sgn): ``sgn * (x cross y)`` per 3-chunk
@@ -101,7 +101,7 @@ def form_product(x, y, x_nx, x_pv, y_nx, y_pv, chunk, FORM: tl.constexpr):
             c = x_nx * y_pv - x_pv * y_nx
         else:
             c = y_nx * x_pv - y_pv * x_nx
-        return tl.where(chunk, c, x * y)
+        return tl.where(in_c3, c, x * y)
 
 
 def pack_rows(bm: int, gqa: int, ws: int) -> tuple[int, int, int]:

@@ -107,7 +107,7 @@ def _two_simplicial_fwd_kernel(
     ee = tl.arange(0, DV_PAD)
     dmask = dd < D
     emask = ee < DV
-    nx, pv, chunk = chunk_columns(dd, D)             # the determinant form's permuted columns
+    nx, pv, in_c3 = chunk_columns(dd, D)             # the determinant form's permuted columns
 
     q_row_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :]
     ks_base = KS + b * sks[0] + hk * sks[2]
@@ -178,7 +178,7 @@ def _two_simplicial_fwd_kernel(
         # -z, so qk_scale = |scale| log2(e) > 0 (see z_scaling)
         if NEG_Z:
             ks_rows, ks_nx, ks_pv = -ks_rows, -ks_nx, -ks_pv
-        z = form_product(ks_rows, q_rows, ks_nx, ks_pv, q_nx, q_pv, chunk[None, :], FORM).to(KB.dtype.element_ty)
+        z = form_product(ks_rows, q_rows, ks_nx, ks_pv, q_nx, q_pv, in_c3[None, :], FORM).to(KB.dtype.element_ty)
         if EDGE_DOT:
             # s_e[r] = <z_r, k_b[i0 + 1]> (same rounded z) by a [BM, 16] tensor-core product
             # (16 equal columns), not a row reduction of z * k_b[i0 + 1]: shorter before the first
