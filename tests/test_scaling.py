@@ -194,6 +194,8 @@ def test_cpu_sweep_writes_complete_run_files(e2e):
         assert all(0 < p[1] < math.log(512) + 1 for p in r["curve"])
         assert set(r["eval"]) == {"code", "humaneval", "math"} and all(v > 0 for v in r["eval"].values())
         assert r["gpu_seconds"] == pytest.approx(r["train_seconds"] + r["eval_seconds"])
+        assert r["train"] == {"lr": 3e-3, "warmup_steps": 4, "min_lr_ratio": 0.01,
+                              "weight_decay": 0.0125, "batch": 4, "seq_len": 32}     # configs/scaling_cpu.toml
     runs = {json.loads(f.read_text())["run"]: json.loads(f.read_text()) for f in files}
     for size in ("d16", "d32", "d48"):                       # one 2-simplicial layer: K2 and V2, dim x dim each
         d, s = runs[f"{size}-dot-s0"], runs[f"{size}-simplicial-s0"]

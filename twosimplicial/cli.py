@@ -172,12 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-humaneval", action="store_true", help="skip the HumanEval NLL")
     e.set_defaults(fn=_eval)
 
-    from .studies import fit, match3, scaling
+    from .studies import fit, lr_check, match3, scaling
     scaling.add_parser(sub)
     fit.add_parser(sub)
     st = sub.add_parser("study", help="small studies of what 2-simplicial attention buys (results under results/)",
                         description="Small studies of what 2-simplicial attention buys; results under results/.")
-    match3.add_parser(st.add_subparsers(dest="study", required=True, metavar="STUDY"))
+    studies = st.add_subparsers(dest="study", required=True, metavar="STUDY")
+    match3.add_parser(studies)
+    lr_check.add_parser(studies)
 
     g = sub.add_parser("generate", help="sample a continuation from a trained language model",
                        description="Sample a continuation of --prompt from a language-model run's latest intact "

@@ -41,7 +41,8 @@ finished runs are results.
 
 Run file fields: ``run``, ``arch``, ``size``, ``dim``, ``n_layers``, ``seed``,
 ``params_nonembedding``, ``params_total`` (``count_parameters`` of the run's resolved model),
-``tokens``, ``flops`` (counted training FLOPs of the run: ``tokens * flops_per_token["total"]``,
+``tokens``, ``train`` (the recipe: peak ``lr``, ``warmup_steps``, ``min_lr_ratio``,
+``weight_decay``, ``batch``: sequences per step, and ``seq_len``), ``flops`` (counted training FLOPs of the run: ``tokens * flops_per_token["total"]``,
 see ``twosimplicial.models.flops``; both architectures' attention included), ``flops_per_token``
 (the breakdown), ``flops_counting`` (how), ``tokens_per_s`` (training tokens over training time),
 ``train_seconds``, ``eval_seconds``, ``gpu_seconds`` (device seconds: training, summed over
@@ -434,6 +435,8 @@ def run_one(sw: Sweep, spec: RunSpec, gpu_shared_by: int = 1) -> dict | None:
         "seed": spec.seed,
         "params_nonembedding": params["non_embedding"], "params_total": params["total"],
         "tokens": summary["tokens"],
+        "train": {**{k: resolved["train"][k] for k in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay")},
+                  "batch": resolved["data"]["batch_size"] * resolved["train"]["grad_accum"], "seq_len": seq_len},
         "flops": summary["tokens"] * fpt["total"],
         "flops_per_token": fpt,
         "flops_counting": ("twosimplicial.models.flops.flops_per_token: 6 x matmul parameters per token "
