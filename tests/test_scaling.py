@@ -373,6 +373,10 @@ def test_fit_refuses_mixed_tokens_and_data(tmp_path):
     with pytest.raises(ValueError, match="differ in data_sha256.*N16000000-dot-s1"):
         fit_results(tmp_path / "d", plots=False)
     check_comparable([{"run": "x", "tokens": 1, "data_sha256": None}, {"run": "y", "tokens": 1, "data_sha256": None}])
+    recipe = dict(tokens=1, data_sha256=None, train={"lr": 4e-3, "warmup_steps": 300})
+    check_comparable([{"run": "x", **recipe}, {"run": "y", **recipe}])
+    with pytest.raises(ValueError, match=r"differ in train.*0\.008.*\['y'\]"):
+        check_comparable([{"run": "x", **recipe}, {"run": "y", **recipe, "train": {"lr": 8e-3, "warmup_steps": 300}}])
     with pytest.raises(FileNotFoundError, match="no run files"):
         fit_results(tmp_path / "empty", plots=False)
 

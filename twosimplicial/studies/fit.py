@@ -94,11 +94,13 @@ def load_runs(results_dir: str | os.PathLike) -> list[dict]:
 
 
 def check_comparable(runs: list[dict]) -> None:
-    """Refuse runs that trained on different token counts or different data."""
-    for key in ("tokens", "data_sha256"):
+    """Refuse runs that trained on different token counts, different data or (where the run files
+    record it) a different recipe: the learning-rate check's runs do not mix with the grid's."""
+    for key in ("tokens", "data_sha256", "train"):
         groups = defaultdict(list)
         for r in runs:
-            groups[r[key]].append(r["run"])
+            v = r.get(key)
+            groups[json.dumps(v, sort_keys=True) if isinstance(v, dict) else v].append(r["run"])
         if len(groups) > 1:
             listing = "; ".join(f"{k!r}: {sorted(v)}" for k, v in sorted(groups.items(), key=lambda kv: str(kv[0])))
             raise ValueError(f"run files differ in {key} and cannot be fitted together ({listing}); "
