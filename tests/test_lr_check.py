@@ -14,9 +14,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _write(root, lr, size, arch, nll, seed=0, folder=None):
     d = root / (folder or f"lr{lr:g}") / "runs"
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"{size}-{arch}-s{seed}.json").write_text(json.dumps(
-        {"run": f"{size}-{arch}-s{seed}", "size": size, "arch": arch, "seed": seed,
-         "train": {"lr": lr}, "eval": {"code": nll, "math": 9.0}}))
+    (d / f"{size}-{arch}-s{seed}.json").write_text(json.dumps(_run(size, arch, seed, {"lr": lr}, {"code": nll, "math": 9.0})))
+
+
+def _run(size, arch, seed, train, ev):
+    """A run file as the sweep writes it (the fields fit.load_runs checks)."""
+    return {"run": f"{size}-{arch}-s{seed}", "size": size, "arch": arch, "seed": seed, "params_nonembedding": 1000,
+            "params_total": 2000, "tokens": 4096, "flops": 1e9, "data_sha256": None, "curve": [[4096, 3.0]],
+            "train": train, "eval": ev}
 
 
 GRID = {  # lr -> (size, arch) -> code NLL: dot alone would pick 8e-3, simplicial 4e-3, the mean 4e-3
@@ -67,11 +72,14 @@ def test_bad_checks_are_refused(tmp_path):
         lr_check.summarize(lr_check.load_runs(tmp_path))
     _write(tmp_path, 8e-3, "l", "simplicial", 2.5)
     bad = tmp_path / "lr0.002" / "runs" / "s-dot-s0.json"
-    bad.write_text(json.dumps({"size": "s", "arch": "dot", "eval": {"code": 2.0}}))
+    bad.write_text(json.dumps(_run("s", "dot", 0, {}, {"code": 2.0})))
     with pytest.raises(ValueError, match=r"no peak learning rate \(train.lr\)"):
         lr_check.load_runs(tmp_path)
-    bad.write_text(json.dumps({"size": "s", "arch": "dot", "train": {"lr": 2e-3}, "eval": {"math": 2.0}}))
-    with pytest.raises(ValueError, match=r"eval\['code'\] must be a positive NLL"):
+    bad.write_text(json.dumps(_run("s", "dot", 0, {"lr": 2e-3}, {"math": 2.0})))
+    with pytest.raises(ValueError, match=r"no eval\['code'\] NLL"):
+        lr_check.load_runs(tmp_path)
+    bad.write_text(json.dumps(_run("s", "dot", 0, {"lr": 2e-3}, {"code": -1.0})))
+    with pytest.raises(ValueError, match=r"eval\['code'\] must be a positive NLL"):    # fit.load_runs's check
         lr_check.load_runs(tmp_path)
 
 

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..checkpoint import write_atomic
+from . import fit
 
 SUITE = "code"
 RULE = ("the peak learning rate with the lowest mean final held-out code NLL (eval.code) over every "
@@ -25,23 +26,18 @@ RULE = ("the peak learning rate with the lowest mean final held-out code NLL (ev
 
 
 def load_runs(root: str | os.PathLike) -> list[dict]:
-    """The run files under ``root/*/runs/``, checked for what the rule reads."""
-    files = sorted(Path(root).glob("*/runs/*.json"))
-    if not files:
+    """The run files of every ``root/*/runs/`` (each checked by :func:`fit.load_runs`), which must
+    record their peak learning rate and the :data:`SUITE` NLL."""
+    folders = sorted(p.parent for p in Path(root).glob("*/runs") if p.is_dir())
+    if not folders:
         raise FileNotFoundError(f"no run files in {root}/*/runs/ (benchmarks/device_sweep.sh MODE=lr writes them)")
-    runs = []
-    for f in files:
-        r = json.loads(f.read_text())
+    runs = [r for folder in folders for r in fit.load_runs(folder)]
+    for r in runs:
         lr = r.get("train", {}).get("lr")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"{f}: the run file records no peak learning rate (train.lr), got {lr!r}")
-        nll = r.get("eval", {}).get(SUITE)
-        if isinstance(nll, bool) or not isinstance(nll, (int, float)) or not nll > 0:
-            raise ValueError(f"{f}: eval[{SUITE!r}] must be a positive NLL, got {nll!r}")
-        for key in ("size", "arch"):
-            if not isinstance(r.get(key), str):
-                raise ValueError(f"{f}: run file has no {key!r}")
-        runs.append(r)
+            raise ValueError(f"run {r['run']!r}: the run file records no peak learning rate (train.lr), got {lr!r}")
+        if SUITE not in r["eval"]:
+            raise ValueError(f"run {r['run']!r}: no eval[{SUITE!r}] NLL")
     return runs
 
 
