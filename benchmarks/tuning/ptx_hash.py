@@ -55,8 +55,7 @@ CASES = {
     "det-gqa64": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125, {}),
     "det-k1-small": (1, 512, 4, 2, 64, 64, 32, 100, BF16, False, 0.125, {}),       # sgn = -1
 }
-# cases that compile the kernels' native determinant form (FORM = +-1); the others the trilinear
-FORMS = {"det-mha": "determinant", "det-gqa64": "determinant", "det-k1-small": "determinant"}
+# cases named det-* compile the kernels' native determinant form (FORM = +-1); the others the trilinear
 # the backward's kernels in launch order
 BWD_NAMES = ("delta", "keys", "rows")
 
@@ -123,7 +122,7 @@ def run_case(name, fwd, bwd, sink):
     v1, v2 = (torch.randn(B, S, Hkv, Dv, generator=g).to(dtype) for _ in range(2))
     out = torch.randn(B, S, Hq, Dv, generator=g).to(dtype)
     hashes = {}
-    form = FORMS.get(name, "trilinear")
+    form = "determinant" if name.startswith("det-") else "trilinear"
     for phase, call in (("fwd", lambda: fwd(q, k1, v1, k2, v2, w1, w2, scale, tf32, config=config, form=form)),
                         ("bwd", lambda: bwd(torch.randn_like(out), q, k1, v1, k2, v2, out, torch.zeros(B, Hq, S),
                                             w1, w2, scale, tf32, form=form))):
