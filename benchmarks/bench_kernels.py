@@ -56,6 +56,7 @@ rep)`` per (impl, direction) of duration t. ``--budget-s`` skips the cases that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -210,20 +211,21 @@ def sweep_cases(config: str, sets: list[str]) -> dict[str, Case]:
     return {n: out[n] for n in (f"sweep-{s['name']}" for s in sw.sweep["sizes"])}
 
 
-def _on_native_path(f, form: str):
-    """``f`` with ``form`` run on the Triton kernels' native path for the duration of each call
-    (``forms.Form.native`` on; a dict write per call, nothing next to a kernel's milliseconds)."""
+@contextlib.contextmanager
+def _native_path(c: Case):
+    """While case ``c`` runs: its form on the Triton kernels' native path if ``c.native``
+    (``forms.Form.native`` on, restored after)."""
+    if not c.native:
+        yield
+        return
     if not hasattr(forms.Form, "native"):         # an older package (the "before" of a comparison)
         raise RuntimeError("this twosimplicial has no native forms (forms.Form.native)")
-    entry = forms.REGISTRY[form]
-
-    def g(*a):
-        forms.REGISTRY[form] = replace(entry, native=True)
-        try:
-            return f(*a)
-        finally:
-            forms.REGISTRY[form] = entry
-    return g
+    entry = forms.REGISTRY[c.form]
+    forms.REGISTRY[c.form] = replace(entry, native=True)
+    try:
+        yield
+    finally:
+        forms.REGISTRY[c.form] = entry
 
 
 def tiny(c: Case) -> Case:
@@ -312,8 +314,6 @@ def impl_fns(c: Case, impls, device, dtype, gen):
             backend = "torch" if impl == "torch" or device == "cpu" else "triton"
             f = (lambda *a, backend=backend:
                  two_simplicial_attention(*a, c.w1, c.w2, form=c.form, backend=backend))
-            if c.native:
-                f = _on_native_path(f, c.form)
             fns[impl] = (c.flops, *fwd_bwd_fns(f, (q, k1, v1, k2, v2), do))
     sdpas = [i for i in impls if i.startswith("sdpa")]
     if sdpas:
@@ -344,7 +344,13 @@ def run_case(c: Case, impls, ref: str, timer, rounds: int, device, dtype, gen) -
     """Rows of one case. The impls are timed in ``rounds`` interleaved rounds, each a timer median,
     and a row reports the median over its rounds: the GPU's clock drifts over a run (up to ~8% for
     the same kernel, docs/kernels.md, Measured), and interleaving puts that drift on every impl
-    alike instead of on whichever was timed last. Ratios per round compare times of one round."""
+    alike instead of on whichever was timed last. Ratios per round compare times of one round.
+    A native case runs inside :func:`_native_path`."""
+    with _native_path(c):
+        return _run_case(c, impls, ref, timer, rounds, device, dtype, gen)
+
+
+def _run_case(c: Case, impls, ref: str, timer, rounds: int, device, dtype, gen) -> list[dict]:
     fns = impl_fns(c, impls, device, dtype, gen)
     ms = {impl: ([], []) for impl in fns}
     for _ in range(rounds):
