@@ -72,8 +72,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import (chunk_columns, form_code, form_product, kernel, pack_rows, padded, pow2, strides, sum_combine,
-                     z_scaling)
+from .common import (chunk_columns, form_code, form_product, kernel, load_permuted, pack_rows, padded, pow2, strides,
+                     sum_combine, z_scaling)
 
 
 @triton.jit
@@ -123,10 +123,8 @@ def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dm
         rdm = rvalid[:, None] & dmask[None, :]
         q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2]
         ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2]
-        q_nx = tl.load(q_ptr + nx[None, :], mask=rdm, other=0.0).to(tl.float32)
-        q_pv = tl.load(q_ptr + pv[None, :], mask=rdm, other=0.0).to(tl.float32)
-        ks_nx = tl.load(ks_ptr + nx[None, :], mask=rdm, other=0.0).to(tl.float32)
-        ks_pv = tl.load(ks_ptr + pv[None, :], mask=rdm, other=0.0).to(tl.float32)
+        q_nx, q_pv = load_permuted(q_ptr, nx[None, :], pv[None, :], rdm, "")
+        ks_nx, ks_pv = load_permuted(ks_ptr, nx[None, :], pv[None, :], rdm, "")
         if NEG_Z:
             ks_nx, ks_pv = -ks_nx, -ks_pv
         z = form_product(ks.to(tl.float32), q.to(tl.float32), ks_nx, ks_pv, q_nx, q_pv, in_c3[None, :],
@@ -191,13 +189,12 @@ def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee,
         km = lok[:, :, None] & dmask[None, None, :]
         q_ptr = Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2]
         ks_ptr = KS + b * sks[0] + l[:, :, None] * sks[1] + hk * sks[2]
-        q_nx = tl.load(q_ptr + nx[None, None, :], mask=qm, other=0.0).to(tl.float32)[:, :, None, :]
-        q_pv = tl.load(q_ptr + pv[None, None, :], mask=qm, other=0.0).to(tl.float32)[:, :, None, :]
-        ks_nx = tl.load(ks_ptr + nx[None, None, :], mask=km, other=0.0).to(tl.float32)[:, None, :, :]
-        ks_pv = tl.load(ks_ptr + pv[None, None, :], mask=km, other=0.0).to(tl.float32)[:, None, :, :]
+        q_nx, q_pv = load_permuted(q_ptr, nx[None, None, :], pv[None, None, :], qm, "")
+        ks_nx, ks_pv = load_permuted(ks_ptr, nx[None, None, :], pv[None, None, :], km, "")
         if NEG_Z:
             ks_nx, ks_pv = -ks_nx, -ks_pv
-        z = form_product(ks.to(tl.float32)[:, None, :, :], q.to(tl.float32)[:, :, None, :], ks_nx, ks_pv, q_nx, q_pv,
+        z = form_product(ks.to(tl.float32)[:, None, :, :], q.to(tl.float32)[:, :, None, :],
+                         ks_nx[:, None, :, :], ks_pv[:, None, :, :], q_nx[:, :, None, :], q_pv[:, :, None, :],
                          in_c3[None, None, None, :], FORM).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32)[:, :, None, :] * vs.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
     z = tl.reshape(z, [BM, z.shape[3]])
@@ -492,13 +489,11 @@ def _bwd_rows(
                 q = tl.load(q_ptr + dd[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 dz_nx = tl.gather(dz, tl.broadcast_to(c_nx[None, :], [BM, D_PAD]), 1)
                 dz_pv = tl.gather(dz, tl.broadcast_to(c_pv[None, :], [BM, D_PAD]), 1)
-                q_nx = tl.load(q_ptr + c_nx[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
-                q_pv = tl.load(q_ptr + c_pv[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                q_nx, q_pv = load_permuted(q_ptr, c_nx[None, :], c_pv[None, :], rdm, ".ca")
                 _slice_add(pk, slot, smask, dd, onehot,
                            form_product(q, dz, q_nx, q_pv, dz_nx, dz_pv, in_c3[None, :], FORM), D_PAD, ONEHOT_BF16, SPLIT)
                 ks = tl.load(ks_ptr + dd[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
-                ks_nx = tl.load(ks_ptr + c_nx[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
-                ks_pv = tl.load(ks_ptr + c_pv[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                ks_nx, ks_pv = load_permuted(ks_ptr, c_nx[None, :], c_pv[None, :], rdm, ".ca")
                 dq = _onehot_sum(dq, onehot_q, form_product(dz, ks, dz_nx, dz_pv, ks_nx, ks_pv, in_c3[None, :], FORM),
                                  ONEHOT_BF16, SPLIT)
         iq = i0 + rq // BH

@@ -87,6 +87,14 @@ def chunk_columns(dd, D: tl.constexpr):
 
 
 @triton.jit
+def load_permuted(ptr, nx, pv, mask, CACHE: tl.constexpr):
+    """fp32 loads of ``ptr + nx`` and ``ptr + pv``: rows at the permuted columns of
+    :func:`chunk_columns` (``nx``, ``pv`` broadcast like the rows' offsets), for the determinant form."""
+    return (tl.load(ptr + nx, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32),
+            tl.load(ptr + pv, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32))
+
+
+@triton.jit
 def form_product(x, y, x_nx, x_pv, y_nx, y_pv, in_c3, FORM: tl.constexpr):
     """The form's product of two rows, of which the virtual query and its gradients are made:
     ``z = form_product(k_s, q)``, ``dk_s = form_product(q, dz)``, ``dq = form_product(dz, k_s)``.

@@ -64,8 +64,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import (chunk_columns, form_code, form_product, kernel, max_combine, pack_rows, padded, pow2, strides,
-                     sum_combine, z_scaling)
+from .common import (chunk_columns, form_code, form_product, kernel, load_permuted, max_combine, pack_rows, padded,
+                     pow2, strides, sum_combine, z_scaling)
 
 
 @triton.jit
@@ -169,10 +169,8 @@ def _two_simplicial_fwd_kernel(
         q_nx, q_pv, ks_nx, ks_pv = q_rows, q_rows, ks_rows, ks_rows
         if FORM != 0:                                # the determinant form: q, k_s at permuted columns too
             rdm = rvalid[:, None] & dmask[None, :]
-            q_nx = tl.load(q_row_ptr + (nx - dd)[None, :], mask=rdm, other=0.0).to(tl.float32)
-            q_pv = tl.load(q_row_ptr + (pv - dd)[None, :], mask=rdm, other=0.0).to(tl.float32)
-            ks_nx = tl.load(ks_base + l[:, None] * sks[1] + nx[None, :], mask=rdm, other=0.0).to(tl.float32)
-            ks_pv = tl.load(ks_base + l[:, None] * sks[1] + pv[None, :], mask=rdm, other=0.0).to(tl.float32)
+            q_nx, q_pv = load_permuted(q_row_ptr, (nx - dd)[None, :], (pv - dd)[None, :], rdm, "")
+            ks_nx, ks_pv = load_permuted(ks_base + l[:, None] * sks[1], nx[None, :], pv[None, :], rdm, "")
         # (1): virtual query z = q * k_s (the determinant form: sgn * (k_s x q) per 3-chunk), one
         # rounding to the input dtype (a packed 16-bit multiply); a negative scale is carried as
         # -z, so qk_scale = |scale| log2(e) > 0 (see z_scaling)
