@@ -42,8 +42,9 @@ finished runs are results.
 Run file fields: ``run``, ``arch``, ``size``, ``dim``, ``n_layers``, ``seed``,
 ``params_nonembedding``, ``params_total`` (``count_parameters`` of the run's resolved model),
 ``tokens``, ``train`` (the recipe: peak ``lr``, ``warmup_steps``, ``min_lr_ratio``,
-``weight_decay``, ``batch``: sequences per step, and ``seq_len``), ``flops`` (counted training FLOPs of the run: ``tokens * flops_per_token["total"]``,
-see ``twosimplicial.models.flops``; both architectures' attention included), ``flops_per_token``
+``weight_decay``, ``batch``: sequences per step, and ``seq_len``), ``flops`` (counted training
+FLOPs of the run: ``tokens * flops_per_token["total"]``, see ``twosimplicial.models.flops``; both
+architectures' attention included), ``flops_per_token``
 (the breakdown), ``flops_counting`` (how), ``tokens_per_s`` (training tokens over training time),
 ``train_seconds``, ``eval_seconds``, ``gpu_seconds`` (device seconds: training, summed over
 resumed segments, plus the final evaluation), ``device``, ``torch``, ``triton``, ``commit``,
