@@ -64,7 +64,7 @@ run_lr() {  # $1: the time budget of each process
   ts sweep "$CONFIG" "${lr_args[@]}" --set sweep.results_dir=/tmp/ts-dry --dry-run 2>&1 | tail -4 | tee -a "$log"
   for lr in 2e-3 4e-3 8e-3; do
     timeout -k 10 $(($1 + 40)) "$PYTHON" -m twosimplicial.cli sweep "$CONFIG" "${lr_args[@]}" --set train.lr=$lr --set sweep.results_dir=$lr_dir/lr$lr \
-      --set sweep.runs_dir=/tmp/ts-runs/scaling_lr/lr$lr --time-budget "$1" > "$logs/lr$lr.log" 2>&1 &
+      --set sweep.runs_dir=/tmp/ts-runs/scaling_lr/lr$lr --time-budget "$1" --gpu-shared-by 3 > "$logs/lr$lr.log" 2>&1 &
   done
   wait
   for lr in 2e-3 4e-3 8e-3; do echo "== lr $lr"; outcome "$logs/lr$lr.log"; done | tee -a "$log"

@@ -316,6 +316,21 @@ def test_sharded_sweeps_train_disjoint_parts_and_record_the_sharing(tmp_path, ca
             sweep(sw, progress=False, shard=bad)
     with pytest.raises(SystemExit, match="--shard"):
         cli(["sweep", str(CPU_CONFIG), "--shard", "2/2"])
+    for bad in [1, 0, True, 2.0]:
+        with pytest.raises(ValueError, match="gpu_shared_by"):
+            sweep(sw, progress=False, shard=(0, 2), gpu_shared_by=bad)
+    with pytest.raises(SystemExit, match="--gpu-shared-by"):
+        cli(["sweep", str(CPU_CONFIG), "--shard", "0/2", "--gpu-shared-by", "1"])
+
+
+def test_separate_sweeps_side_by_side_record_how_many_shared_the_device(tmp_path, cache):
+    """The learning-rate check runs one sweep per rate at once: each run file says so."""
+    sets = cpu_sets(tmp_path, cache, 'sweep.sizes=[{name = "d16", dim = 16, n_layers = 2}]', "sweep.seeds=[0]",
+                    'sweep.archs=["dot"]')
+    res = sweep(load_sweep(CPU_CONFIG, sets), progress=False, gpu_shared_by=3)
+    assert res["finished"] == ["d16-dot-s0"]
+    rec = json.loads((tmp_path / "results" / "runs" / "d16-dot-s0.json").read_text())
+    assert rec["gpu_shared_by"] == 3
 
 
 # --------------------------------------------------------------------------- fit on synthetic run files

