@@ -88,3 +88,9 @@ def test_command_line(tmp_path, capsys):
     assert cli.main(["study", "lr-check", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "| 0.004 (picked) |" in out and (tmp_path / "o" / "lr_check.json").is_file()
+    report = tmp_path / "REPORT.md"
+    report.write_text("# R\n\nbefore\n<!-- lr-check:table -->\nold\n<!-- /lr-check:table -->\nafter\n")
+    assert cli.main(["study", "lr-check", str(tmp_path), "--out", str(tmp_path / "o"), "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "old" not in text and text.startswith("# R\n\nbefore\n<!-- lr-check:table -->\n| peak lr |")
+    assert "| 0.004 (picked) |" in text and text.endswith("<!-- /lr-check:table -->\nafter\n")

@@ -439,6 +439,14 @@ def test_fit_rewrites_the_report_blocks_and_keeps_the_prose(tmp_path, capsys):
     assert "| paper | GSM8k (active) | 0.1420 / -1.8280 | 0.1683 / -2.3939 | >= 0.996 | +18.5% |" in text
     row = next(ln for ln in text.splitlines() if ln.startswith("| ours | code (non-embedding)"))
     assert "0.1000 [0.1000, 0.1000] / -2.0000" in row and "+20.0% [+20.0%, +20.0%]" in row
+    # the losses and compute blocks: each seed's final NLL, their mean, the paired difference, FLOPs per token
+    report.write_text("<!-- fit:losses -->\n<!-- /fit:losses -->\n<!-- fit:compute -->\n<!-- /fit:compute -->\n")
+    assert fit_mod.update_report(report, fit_results(tmp_path / "r", n_boot=200, plots=False)) == ["losses", "compute"]
+    text = report.read_text()
+    dot, simp = (math.exp(-(a * math.log(1e6) + b)) for a, b in [(0.10, -2.0), (0.12, -2.3)])
+    assert (f"| N1000000 | code | {dot:.4f} ({dot:.4f}, {dot:.4f}) | {simp:.4f} ({simp:.4f}, {simp:.4f}) "
+            f"| {simp - dot:+.4f}, {simp - dot:+.4f} |") in text
+    assert "| N4000000 | 2.400e+07 | 2.400e+07 | 1.00x |" in text
     before = report.read_text()
     report.write_text("no markers\n")
     with pytest.raises(ValueError, match="none of the blocks"):

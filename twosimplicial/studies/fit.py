@@ -379,6 +379,10 @@ def fit_results(results_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
                       "unit": "seeds within each size, paired across architectures"},
         "fits": {suite: {p: f["fits"] for p, f in by_p.items()} for suite, by_p in fits.items()},
         "token_efficiency": eff,
+        "finals": {s: {a: {"eval": {str(seed): runs_[a]["eval"] for seed, runs_ in by_seed.items()},
+                           "flops_per_token": next(iter(by_seed.values()))[a]["flops"] / budget}
+                       for a in archs}
+                   for s, by_seed in paired.items()},
         "plots": _plots(out_dir, archs, paired, suites, fits, eff, budget) if plots else [],
     }
     if result["data_sha256"] is None:
@@ -415,7 +419,7 @@ PAPER_TABLE3 = {
     "MMLU-pro": {"dot": (0.0901, -1.7289), "simplicial": (0.1083, -2.1181)},
     "MBPP": {"dot": (0.1720, -2.2569), "simplicial": (0.1837, -2.5201)},
 }
-REPORT_BLOCKS = ("sizes", "table3", "token_efficiency")
+REPORT_BLOCKS = ("sizes", "table3", "token_efficiency", "losses", "compute")
 
 
 def report_blocks(result: dict) -> dict[str, str]:
@@ -463,20 +467,51 @@ def report_blocks(result: dict) -> dict[str, str]:
         rows.append(f"| {r['size']} | {r['params_nonembedding_dot']:,} | {r['simplicial_final_val_loss']:.4f} "
                     f"| {r['dot_final_val_loss']:.4f} | {need} | {ratio} |")
     eff = "\n".join(rows)
-    return {"sizes": sizes, "table3": table3, "token_efficiency": eff}
+
+    # final NLL per size and suite: the mean over seeds, each seed, and the paired difference per
+    # seed (a seed fixes the data order for both architectures)
+    names = {"dot": "dot-product", "simplicial": "2-simplicial"}
+    rows = ["| size | suite | " + " | ".join(f"{names.get(a, a)}: mean (per seed)" for a in archs)
+            + (" | 2-simp. - dot, per seed |" if set(ARCHS) <= set(archs) else " |"),
+            "|---|---|" + "---|" * (len(archs) + (set(ARCHS) <= set(archs)))]
+    for size, by_arch in result.get("finals", {}).items():
+        seeds = list(by_arch[archs[0]]["eval"])
+        for suite in result["suites"]:
+            v = {a: [by_arch[a]["eval"][sd][suite] for sd in seeds] for a in archs}
+            cells = [f"{sum(x) / len(x):.4f} ({', '.join(f'{y:.4f}' for y in x)})" for x in v.values()]
+            if set(ARCHS) <= set(archs):
+                cells.append(", ".join(f"{b - a:+.4f}" for a, b in zip(v["dot"], v["simplicial"])))
+            rows.append(f"| {size} | {suite} | " + " | ".join(cells) + " |")
+    losses = "\n".join(rows)
+
+    rows = ["| size | " + " | ".join(f"FLOPs/token {names.get(a, a)}" for a in archs)
+            + (" | 2-simp. / dot |" if set(ARCHS) <= set(archs) else " |"),
+            "|---|" + "---|" * (len(archs) + (set(ARCHS) <= set(archs)))]
+    for size, by_arch in result.get("finals", {}).items():
+        f = {a: by_arch[a]["flops_per_token"] for a in archs}
+        ratio = [f"{f['simplicial'] / f['dot']:.2f}x"] if set(ARCHS) <= set(archs) else []
+        rows.append(f"| {size} | " + " | ".join([f"{v:.3e}" for v in f.values()] + ratio) + " |")
+    compute = "\n".join(rows)
+    return {"sizes": sizes, "table3": table3, "token_efficiency": eff, "losses": losses, "compute": compute}
 
 
 def update_report(path: str | os.PathLike, result: dict) -> list[str]:
     """Rewrite the blocks ``<!-- fit:NAME -->`` ... ``<!-- /fit:NAME -->`` of the markdown file
-    ``path`` with :func:`report_blocks` of ``result``; the text around them is kept. Returns the
-    names rewritten; a file with none of the blocks is an error (nothing is written)."""
+    ``path`` with :func:`report_blocks` of ``result`` (see :func:`write_blocks`)."""
+    return write_blocks(path, report_blocks(result), "fit")
+
+
+def write_blocks(path: str | os.PathLike, blocks: dict[str, str], tag: str) -> list[str]:
+    """Rewrite the blocks ``<!-- TAG:NAME -->`` ... ``<!-- /TAG:NAME -->`` of the markdown file
+    ``path`` with ``blocks[NAME]``; the text around them is kept. Returns the names rewritten; a
+    file with none of the blocks is an error (nothing is written)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"report {path} does not exist")
     text = path.read_text()
     done = []
-    for name, body in report_blocks(result).items():
-        start, end = f"<!-- fit:{name} -->", f"<!-- /fit:{name} -->"
+    for name, body in blocks.items():
+        start, end = f"<!-- {tag}:{name} -->", f"<!-- /{tag}:{name} -->"
         if text.count(start) != text.count(end) or text.count(start) > 1:
             raise ValueError(f"report {path}: block {name!r} needs one {start} and one {end}")
         if start not in text:
@@ -486,7 +521,7 @@ def update_report(path: str | os.PathLike, result: dict) -> list[str]:
         text = f"{head}{start}\n{body}\n{end}{tail}"
         done.append(name)
     if not done:
-        raise ValueError(f"report {path} holds none of the blocks " + ", ".join(f"<!-- fit:{n} -->" for n in REPORT_BLOCKS))
+        raise ValueError(f"report {path} holds none of the blocks " + ", ".join(f"<!-- {tag}:{n} -->" for n in blocks))
     write_atomic(path, text)
     return done
 
@@ -519,6 +554,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     p.add_argument("--report", default=None,
                    help="a markdown file (docs/REPORT.md) whose <!-- fit:NAME --> ... <!-- /fit:NAME --> blocks "
-                        "(sizes, table3, token_efficiency) are rewritten with this fit's tables")
+                        "(" + ", ".join(REPORT_BLOCKS) + ") are rewritten with this fit's tables")
     p.set_defaults(fn=_fit_cmd)
     return p

@@ -85,10 +85,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"| {lr:g}{mark} | " + " | ".join(f"{nll[lr, s, a]:.4f}" for s, a in pairs)
                      + f" | {mean[lr]:.4f} |")
     own = ", ".join(f"{a}: {lr:g}" for a, lr in summary["pick_by_arch"].items())
-    lines += ["", f"rule: {summary['rule']}", f"pick: {summary['pick']:g}; each architecture alone: {own}"
+    lines += ["", f"- rule: {summary['rule']}", f"- pick: {summary['pick']:g}; each architecture alone: {own}"
               + ("" if summary["archs_agree"] else " (they disagree)")]
     if summary["pick_at_edge"]:
-        lines.append("the pick is at the edge of the rates checked: a wider check may pick past it")
+        lines.append("- the pick is at the edge of the rates checked: a wider check may pick past it")
     return "\n".join(lines)
 
 
@@ -131,6 +131,9 @@ def _cli(args) -> int:
     print(format_summary(summary))
     out = Path(args.out or args.root)
     print(f"results: {out / 'lr_check.json'}   plot: {out / 'lr_check.png'}")
+    if args.report:
+        fit.write_blocks(args.report, {"table": format_summary(summary)}, "lr-check")
+        print(f"lr-check: rewrote the block table of {args.report}")
     return 0
 
 
@@ -141,5 +144,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("root", nargs="?", default="results/scaling_lr",
                    help="folder of one results folder per learning rate (default: results/scaling_lr)")
     p.add_argument("--out", default=None, help="where lr_check.json and .png go (default: root)")
+    p.add_argument("--report", default=None,
+                   help="a markdown file (docs/REPORT.md) whose <!-- lr-check:table --> ... <!-- /lr-check:table --> "
+                        "block is rewritten with the check's table and pick")
     p.set_defaults(fn=_cli)
     return p
