@@ -302,6 +302,8 @@ def _check_non_finite(backend, device, dtype, name, value, S, w1, w2, p, Hq=2, H
     torch.testing.assert_close(out[1, ~sees], clean[1, ~sees])          # rows that cannot see p
     torch.testing.assert_close(out[1, :, heads.stop:], clean[1, :, heads.stop:])   # the other heads
     if name in ("v1", "v2"):
+        # a non-finite value entry marks the whole row of every output that sees it (mark_nonfinite)
+        assert out[1, sees][:, heads].isnan().all()
         # gradients of a loss on the outputs that cannot see p: finite, and those of a 0 at p
         # (non-finite queries and keys follow IEEE arithmetic in the backward, as dense autograd)
         keep = torch.ones(out.shape[:2], dtype=torch.bool, device=device)

@@ -104,29 +104,42 @@ def check_window(name: str, w, S: int | None = None):
     return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
 
 
+def clean_values(v):
+    """``(v with non-finite entries as 0, bad)``, ``bad [B, S, Hkv]`` marking the positions whose
+    value vector holds a non-finite entry: two passes over ``v`` (a max-abs reduction, which
+    propagates NaN, and ``nan_to_num``), no sync. ``nan_to_num`` passes no gradient to the entries
+    it replaces."""
+    bad = ~torch.isfinite(torch.linalg.vector_norm(v.detach(), float("inf"), dim=-1))
+    return torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), bad
+
+
 def mark_nonfinite(out, *windows):
-    """``out`` with NaN wherever a query's window holds a non-finite value: ``windows`` are
-    ``(bad, w)`` pairs, ``bad`` the ``[B, S, Hkv, Dv]`` mask of non-finite entries of ``v1`` (or
-    ``v2``) and ``w`` its window; the query at ``i`` sees ``[i - w, i]``, column by column.
+    """``out`` with NaN in every output row whose window holds a non-finite value: ``windows``
+    are ``(bad, w)`` pairs, ``bad`` the ``[B, S, Hkv]`` mask of :func:`clean_values` for ``v1``
+    (or ``v2``) and ``w`` its window; the query at ``i`` sees ``(i - w, i]``.
 
     The backends compute with the values cleaned (non-finite entries as 0, see
     :func:`two_simplicial_attention`): a masked key's weight is 0, but ``0 * nan = nan`` in a
     matrix product would carry its value to queries that cannot see it, and in the backward
     ``dO = 0`` times a non-finite value would reach gradients of positions before it. This
-    restores the non-finite result exactly where a query does see such a value. The count of
-    non-finite entries up to each position is a cumulative sum over the sequence: O(B S Hkv Dv),
-    no sync, traceable. The marked outputs carry no gradient (``masked_fill``), so the backward,
-    which also sees the cleaned values, stays finite for every output that does not see them.
-    Non-finite queries and keys need no help in the forward: they reach exactly the outputs
-    that see them (the backward then follows IEEE arithmetic, as dense autograd does).
+    restores a non-finite result exactly where a query does see such a value, in the whole
+    row (dense arithmetic would leave the columns of the value's finite entries finite; a
+    per-column mark costs ``Dv`` times more, docs/kernels.md, Non-finite inputs). The count of
+    non-finite positions up to each position is a cumulative sum over the sequence, run along
+    contiguous memory (``[B, Hkv, S]``): no sync, traceable. The marked outputs carry no gradient
+    (``masked_fill``), so the backward, which also sees the cleaned values, stays finite for
+    every output that does not see them. Non-finite queries and keys need no help in the
+    forward: they reach exactly the outputs that see them (the backward then follows IEEE
+    arithmetic, as dense autograd does).
     """
     seen = None
     for bad, w in windows:
-        count = bad.to(torch.int32).cumsum(1)                                   # [B, S, Hkv, Dv]
-        before = torch.nn.functional.pad(count, (0, 0, 0, 0, w, 0))[:, : count.shape[1]]   # up to i - w
+        count = bad.transpose(1, 2).to(torch.int32, memory_format=torch.contiguous_format).cumsum(-1)  # [B, Hkv, S]
+        before = torch.nn.functional.pad(count, (w, 0))[..., : count.shape[-1]]     # up to i - w
         seen = count > before if seen is None else seen | (count > before)
-    B, S, Hkv, Dv = seen.shape
-    return out.view(B, S, Hkv, -1, Dv).masked_fill(seen[:, :, :, None, :], float("nan")).view(out.shape)
+    B, Hkv, S = seen.shape
+    rows = seen.transpose(1, 2)[:, :, :, None, None]                                # [B, S, Hkv, 1, 1]
+    return out.view(B, S, Hkv, -1, out.shape[-1]).masked_fill(rows, float("nan")).view(out.shape)
 
 
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
@@ -175,8 +188,7 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
     # Non-finite values: the backends see v1, v2 with non-finite entries as 0, and mark_nonfinite
     # restores NaN in the outputs that see one; every other output, and every gradient that does
     # not come through a marked output, is what it would be with a 0 there.
-    bad1, bad2 = ~torch.isfinite(v1), ~torch.isfinite(v2)
-    v1, v2 = v1.masked_fill(bad1, 0.0), v2.masked_fill(bad2, 0.0)
+    (v1, bad1), (v2, bad2) = clean_values(v1), clean_values(v2)
     if chosen == "triton":
         out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale, kernel_form)
     else:
