@@ -1,16 +1,39 @@
-"""Time of the op's non-finite handling (clean_values + mark_nonfinite) alone, eager and compiled."""
-import json, os, sys, torch
+"""The op's non-finite guard alone (``interface.clean_values`` on v1 and v2, then
+``interface.mark_nonfinite`` with windows 512 x 32), eager and under ``torch.compile``, at two LM
+shapes and the mha shape (bf16, GPU only); what the guard adds to every call of the op.
+
+    OUT=out python3 -m benchmarks.tuning.nonfinite_cost      # prints and writes $OUT/nonfinite_cost.json
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
 from triton.testing import do_bench
+
 from twosimplicial.ops.interface import clean_values, mark_nonfinite
-res = {}
-for name, (B, S, H, D) in {"lm-b16-s1024-h4-d64": (16, 1024, 4, 64), "lm-b8-s2048-h8-d64": (8, 2048, 8, 64),
-                           "mha": (1, 8192, 16, 128)}.items():
-    v1, v2, out = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    def passes(v1, v2, out):
-        (a, b1), (b, b2) = clean_values(v1), clean_values(v2)
-        return a, b, mark_nonfinite(out, (b1, 512), (b2, 32))
-    comp = torch.compile(passes)
-    res[name] = {"eager_ms": do_bench(lambda: passes(v1, v2, out), warmup=25, rep=100),
-                 "compiled_ms": do_bench(lambda: comp(v1, v2, out), warmup=25, rep=100)}
-    print(name, res[name], flush=True)
-json.dump(res, open(os.path.join(os.environ["OUT"], "nonfinite_cost.json"), "w"), indent=1)
+
+SHAPES = {"lm-b16-s1024-h4-d64": (16, 1024, 4, 64), "lm-b8-s2048-h8-d64": (8, 2048, 8, 64),
+          "mha": (1, 8192, 16, 128)}       # B, S, H (= Hkv = Hq), D
+
+
+def guard(v1, v2, out):
+    (v1, bad1), (v2, bad2) = clean_values(v1), clean_values(v2)
+    return v1, v2, mark_nonfinite(out, (bad1, 512), (bad2, 32))
+
+
+def main():
+    compiled = torch.compile(guard)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name, shape in SHAPES.items():
+        v1, v2, out = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        res[name] = {"eager_ms": do_bench(lambda: guard(v1, v2, out), warmup=25, rep=100),
+                     "compiled_ms": do_bench(lambda: compiled(v1, v2, out), warmup=25, rep=100)}
+        print(name, res[name], flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "nonfinite_cost.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
