@@ -149,9 +149,12 @@ def _subparser(parser: argparse.ArgumentParser, path: list[str]) -> argparse.Arg
     return parser
 
 
+@pytest.mark.parametrize("columns", ["100", "50"])
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
-def test_help_reads_cleanly_and_shows_defaults(command, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "100")
+def test_help_reads_cleanly_and_shows_defaults(command, columns, capsys, monkeypatch):
+    """Every option's default is shown whole, at any terminal width: a default path (absolute, so
+    with whatever hyphens the checkout's path has) is never split at a hyphen or mid-word."""
+    monkeypatch.setenv("COLUMNS", columns)
     with pytest.raises(SystemExit) as e:
         main([*command, "--help"])
     assert e.value.code == 0

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 import tomllib
 
 # Errors that mean "the input was wrong" (a bad config value, a missing file, a run directory in
@@ -107,10 +108,19 @@ def _shows_default(action: argparse.Action) -> bool:
     return "default" not in (action.help or "")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; option help wraps at spaces only, so that a path or an
+    option name in it (a default such as ``results/match3/demo_seeds.json``) is never split at a
+    hyphen or in the middle, and can be copied from the terminal."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
 def _finish_help(parser: argparse.ArgumentParser) -> None:
     """Make ``parser`` and its subcommands' help read cleanly: descriptions keep their line breaks
     (examples), reStructuredText markup is removed, and every option's default is shown."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = _HelpFormatter
     if parser.description:
         parser.description = _plain(parser.description)
     for action in parser._actions:
