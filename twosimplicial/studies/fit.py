@@ -59,6 +59,7 @@ import numpy as np
 from ..checkpoint import write_atomic
 
 ARCHS = ("dot", "simplicial")
+ARCH_LABEL = {"dot": "dot-product", "simplicial": "2-simplicial"}     # in plots and report tables
 PARAMS = {"non_embedding": "params_nonembedding", "total": "params_total"}
 REQUIRED = {
     "run": str, "arch": str, "size": str, "seed": int, "params_nonembedding": int, "params_total": int,
@@ -249,7 +250,6 @@ def _plots(out_dir: Path, archs, paired, suites, fits, eff, budget) -> list[str]
 
     style = {"dot": dict(color="tab:blue", ls="-", marker="o"),
              "simplicial": dict(color="tab:red", ls="--", marker="s")}
-    label = {"dot": "dot-product", "simplicial": "2-simplicial"}
     sizes = list(paired)
     written = []
 
@@ -267,7 +267,7 @@ def _plots(out_dir: Path, archs, paired, suites, fits, eff, budget) -> list[str]
             lo, hi = np.quantile(pred_b, [(1 - CI) / 2, (1 + CI) / 2], axis=0)
             r2 = "n/a" if fa["r2"] is None else f"{fa['r2']:.3f}"
             ax.plot(grid, np.exp(-(fa["alpha"] * np.log(grid) + fa["beta"])), color=style[arch]["color"],
-                    ls=style[arch]["ls"], label=f"{label[arch]}: alpha {fa['alpha']:.4f}, R^2 {r2}")
+                    ls=style[arch]["ls"], label=f"{ARCH_LABEL[arch]}: alpha {fa['alpha']:.4f}, R^2 {r2}")
             ax.fill_between(grid, lo, hi, color=style[arch]["color"], alpha=0.15)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -295,7 +295,7 @@ def _plots(out_dir: Path, archs, paired, suites, fits, eff, budget) -> list[str]
                 loss = np.mean([[p[1] for p in r["curve"]] for r in runs if len(r["curve"]) == len(tok)], axis=0)
                 x = tok * runs[0]["flops"] / runs[0]["tokens"] if scale == "flops" else tok
                 ax.plot(x, loss, color=color, ls=style[arch]["ls"],
-                        label=f"{s} {label[arch]} (N={runs[0]['params_nonembedding']:,})")
+                        label=f"{s} {ARCH_LABEL[arch]} (N={runs[0]['params_nonembedding']:,})")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (code, nats/token)")
@@ -470,26 +470,24 @@ def report_blocks(result: dict) -> dict[str, str]:
 
     # final NLL per size and suite: the mean over seeds, each seed, and the paired difference per
     # seed (a seed fixes the data order for both architectures)
-    names = {"dot": "dot-product", "simplicial": "2-simplicial"}
-    rows = ["| size | suite | " + " | ".join(f"{names.get(a, a)}: mean (per seed)" for a in archs)
-            + (" | 2-simp. - dot, per seed |" if set(ARCHS) <= set(archs) else " |"),
-            "|---|---|" + "---|" * (len(archs) + (set(ARCHS) <= set(archs)))]
+    both = set(ARCHS) <= set(archs)              # the pair: a difference (ratio) column
+    rows = ["| size | suite | " + " | ".join(f"{ARCH_LABEL.get(a, a)}: mean (per seed)" for a in archs)
+            + (" | 2-simp. - dot, per seed |" if both else " |"), "|---|---|" + "---|" * (len(archs) + both)]
     for size, by_arch in result.get("finals", {}).items():
         seeds = list(by_arch[archs[0]]["eval"])
         for suite in result["suites"]:
             v = {a: [by_arch[a]["eval"][sd][suite] for sd in seeds] for a in archs}
             cells = [f"{sum(x) / len(x):.4f} ({', '.join(f'{y:.4f}' for y in x)})" for x in v.values()]
-            if set(ARCHS) <= set(archs):
+            if both:
                 cells.append(", ".join(f"{b - a:+.4f}" for a, b in zip(v["dot"], v["simplicial"])))
             rows.append(f"| {size} | {suite} | " + " | ".join(cells) + " |")
     losses = "\n".join(rows)
 
-    rows = ["| size | " + " | ".join(f"FLOPs/token {names.get(a, a)}" for a in archs)
-            + (" | 2-simp. / dot |" if set(ARCHS) <= set(archs) else " |"),
-            "|---|" + "---|" * (len(archs) + (set(ARCHS) <= set(archs)))]
+    rows = ["| size | " + " | ".join(f"FLOPs/token {ARCH_LABEL.get(a, a)}" for a in archs)
+            + (" | 2-simp. / dot |" if both else " |"), "|---|" + "---|" * (len(archs) + both)]
     for size, by_arch in result.get("finals", {}).items():
         f = {a: by_arch[a]["flops_per_token"] for a in archs}
-        ratio = [f"{f['simplicial'] / f['dot']:.2f}x"] if set(ARCHS) <= set(archs) else []
+        ratio = [f"{f['simplicial'] / f['dot']:.2f}x"] if both else []
         rows.append(f"| {size} | " + " | ".join([f"{v:.3e}" for v in f.values()] + ratio) + " |")
     compute = "\n".join(rows)
     return {"sizes": sizes, "table3": table3, "token_efficiency": eff, "losses": losses, "compute": compute}
