@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from twosimplicial.ops import two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.naive import naive_two_simplicial_attention  # noqa: E402
-from twosimplicial.ops.triton.fwd import two_simplicial_fwd  # noqa: E402
+from twosimplicial.ops.triton.fwd import clean_values, two_simplicial_fwd  # noqa: E402
 from twosimplicial.ops.triton.op import is_available, triton_two_simplicial  # noqa: E402
 
 
@@ -176,6 +176,38 @@ def test_compile_fullgraph_cpu():
     out_c, lse_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs)
     out_e, lse_e = f(*inputs)
     assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
+
+
+def _check_clean_values(device, dtype, B=2, S=37, H=3, Dv=24):
+    """clean_values: copies with the non-finite entries as 0 (inputs with a non-unit head stride
+    and a head dim that is not a power of two), and the running count of positions whose row
+    holds one, per (batch, kv head)."""
+    gen = torch.Generator().manual_seed(11)
+    v1, v2 = (torch.randn(B, S, 2 * H, Dv, generator=gen).to(device, dtype)[:, :, ::2] for _ in range(2))
+    assert not v1.is_contiguous()
+    for v in (v1, v2):
+        for n in range(12):
+            b, i, h, e = (int(torch.randint(0, m, (1,), generator=gen)) for m in (B, S, H, Dv))
+            v[b, i, h, e] = (float("nan"), float("inf"), -float("inf"))[n % 3]
+    c1, c2, counts = clean_values(v1, v2)
+    for k, (v, c) in enumerate(((v1, c1), (v2, c2))):
+        assert c.is_contiguous() and c.dtype == dtype
+        assert torch.equal(c, torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0))
+        rows = (~torch.isfinite(v)).any(-1).transpose(1, 2)                    # [B, H, S]
+        assert torch.equal(counts[k], rows.to(torch.int32).cumsum(-1))
+    assert counts.dtype == torch.int32 and counts.shape == (2, B, H, S)
+
+
+def test_clean_values():
+    _check_clean_values("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 37, 3, 24), (1, 1, 1, 16), (3, 300, 1, 128)], ids=str)
+def test_clean_values_gpu(dtype, shape):
+    """Integer arguments equal to 1 (S, Hkv) are constants on the GPU, not in the interpreter."""
+    _check_clean_values("cuda", dtype, *shape)
 
 
 def test_custom_ops_pass_opcheck():

@@ -118,7 +118,7 @@ def mark_nonfinite(out, *windows):
     are ``(bad, w)`` pairs, ``bad`` the ``[B, S, Hkv]`` mask of :func:`clean_values` for ``v1``
     (or ``v2``) and ``w`` its window; the query at ``i`` sees ``(i - w, i]``.
 
-    The backends compute with the values cleaned (non-finite entries as 0, see
+    The PyTorch backend computes with the values cleaned (non-finite entries as 0, see
     :func:`two_simplicial_attention`): a masked key's weight is 0, but ``0 * nan = nan`` in a
     matrix product would carry its value to queries that cannot see it, and in the backward
     ``dO = 0`` times a non-finite value would reach gradients of positions before it. This
@@ -185,13 +185,14 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         out = q.new_zeros(plan.B, plan.S, plan.Hq, plan.Dv) + anchor
         lse = torch.zeros(plan.B, plan.Hq, plan.S, dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    # Non-finite values: the backends see v1, v2 with non-finite entries as 0, and mark_nonfinite
-    # restores NaN in the outputs that see one; every other output, and every gradient that does
-    # not come through a marked output, is what it would be with a 0 there.
-    (v1, bad1), (v2, bad2) = clean_values(v1), clean_values(v2)
+    # Non-finite values (docs/kernels.md, Non-finite inputs): both backends compute with v1, v2
+    # with non-finite entries as 0 and mark with NaN the output rows whose windows hold one;
+    # every other output, and every gradient that does not come through a marked output, is
+    # what it would be with a 0 there. The Triton kernels do it themselves, without passes here.
     if chosen == "triton":
         out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale, kernel_form)
     else:
+        (v1, bad1), (v2, bad2) = clean_values(v1), clean_values(v2)
         out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
-    out = mark_nonfinite(out, (bad1, plan.w1), (bad2, plan.w2))
+        out = mark_nonfinite(out, (bad1, plan.w1), (bad2, plan.w2))
     return (out, lse) if return_lse else out

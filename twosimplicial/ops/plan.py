@@ -58,9 +58,14 @@ class Plan:
         """No query to attend from (empty batch, sequence or query heads)."""
         return self.B * self.S * self.Hq == 0
 
+    def roles(self, x1, x2):
+        """``(x_s, x_b)``: what belongs to window 1 and window 2, in the small and big roles."""
+        return (x2, x1) if self.swap else (x1, x2)
+
     def split(self, k1, v1, k2, v2):
         """``(ks, vs, kb, vb)``: the key/value sets in their small and big roles."""
-        return (k2, v2, k1, v1) if self.swap else (k1, v1, k2, v2)
+        (ks, vs), (kb, vb) = self.roles((k1, v1), (k2, v2))
+        return ks, vs, kb, vb
 
     def merge(self, dks, dvs, dkb, dvb):
         """``(dk1, dv1, dk2, dv2)`` from the gradients of the small and big roles."""

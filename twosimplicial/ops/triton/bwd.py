@@ -72,14 +72,18 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import (chunk_columns, form_code, form_product, kernel, load_permuted, pack_rows, padded, pow2, strides,
-                     sum_combine, z_scaling)
+from .common import (chunk_columns, form_code, form_product, kernel, load_permuted, max_combine, pack_rows, padded,
+                     pow2, strides, sum_combine, z_scaling)
 
 
 @triton.jit
-def _delta(DO, O, DELTA, sdo, so, S, HQ,
+def _delta(DO, O, LSE, DELTA, LSE_B, sdo, so, S, HQ,
            DV: tl.constexpr, DV_PAD: tl.constexpr, BS: tl.constexpr):
-    """Delta_i = <dO_i, O_i> in fp32 for BS positions of one (batch, head): ``DELTA [B, Hq, S]``.
+    """Delta_i = <dO_i, O_i> in fp32 for BS positions of one (batch, head): ``DELTA [B, Hq, S]``,
+    and the backward's log-sum-exp ``LSE_B``: the forward's, but +inf for the rows it marked
+    (docs/kernels.md, Non-finite inputs): an output row that is not finite while its lse is
+    finite was marked for a non-finite value in its window, and carries no gradient: lse = inf
+    gives it P = 0, so dS = 0 (the values are finite in the backward), and Delta = 0.
     (tl.reduce with common's combine function, which the interpreter can run.)"""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -90,8 +94,12 @@ def _delta(DO, O, DELTA, sdo, so, S, HQ,
     m = (ii < S)[:, None] & (ee < DV)[None, :]
     do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + h * sdo[2] + ee[None, :], mask=m, other=0.0)
     o = tl.load(O + b * so[0] + ii[:, None] * so[1] + h * so[2] + ee[None, :], mask=m, other=0.0)
+    lse = tl.load(LSE + pid_bh * S + ii, mask=ii < S, other=0.0)
+    o_bad = tl.reduce(tl.where(tl.abs(o.to(tl.float32)) < float("inf"), 0, 1), 1, max_combine) > 0
+    marked = o_bad & (tl.abs(lse) < float("inf"))
     dlt = tl.reduce(do.to(tl.float32) * o.to(tl.float32), 1, sum_combine)
-    tl.store(DELTA + pid_bh * S + ii, dlt, mask=ii < S)
+    tl.store(DELTA + pid_bh * S + ii, tl.where(marked, 0.0, dlt), mask=ii < S)
+    tl.store(LSE_B + pid_bh * S + ii, tl.where(marked, float("inf"), lse), mask=ii < S)
 
 
 @triton.jit
@@ -549,7 +557,9 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     (``"trilinear"`` or ``"determinant"``, as in the forward).
 
     do, out ``[B, S, Hq, Dv]``; q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2
-    ``[B, S, Hkv, Dv]``; lse ``[B, Hq, S]`` float32 (natural log) from the forward.
+    ``[B, S, Hkv, Dv]`` as the forward computed with them (finite: the values
+    ``two_simplicial_fwd(..., keep_values=True)`` returns); lse ``[B, Hq, S]`` float32 (natural
+    log) from the forward.
     Gradients come back in the inputs' dtypes and shapes. ``config`` overrides keys of
     :func:`bwd_config` (tile sizes, stages) and ``concurrent`` (run the two kernels on two streams,
     see ``_launch``): for benchmarks and tests. The window roles come from
@@ -567,12 +577,14 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
         return tuple(torch.zeros_like(x) for x in (q, ks, vs, kb, vb))
     q, ks, vs, kb, vb, do, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, ks, vs, kb, vb, do, out))
     lse = lse.float().contiguous()
-    # Delta_i = <dO_i, O_i>, [B, Hq, S] fp32
+    # Delta_i = <dO_i, O_i>, [B, Hq, S] fp32, and lse with the marked rows at +inf (see _delta)
     delta = torch.empty(B, HQ, S, device=q.device, dtype=torch.float32)
+    lse_b = torch.empty_like(lse)
     bs = 64 if q.device.type == "cuda" else 16
     kernel(_delta, q.device)[(triton.cdiv(S, bs), B * HQ)](
-        do, out, delta, strides(do), strides(out), S, HQ, DV=DV, DV_PAD=padded(DV), BS=bs,
+        do, out, lse, delta, lse_b, strides(do), strides(out), S, HQ, DV=DV, DV_PAD=padded(DV), BS=bs,
         num_warps=4)
+    lse = lse_b
     key = (q.dtype, D, DV, plan.precision)
     while True:
         cfg = bwd_config(q.device, ws, plan.gqa, D, DV, q.element_size(), _SHRINK.get(key, 0))

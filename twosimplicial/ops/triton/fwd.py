@@ -69,8 +69,49 @@ from .common import (chunk_columns, form_code, form_product, kernel, load_permut
 
 
 @triton.jit
+def _clean_rows(V, C, F, sv, S, HKV, N_ROWS, DV: tl.constexpr, DV_PAD: tl.constexpr, BR: tl.constexpr):
+    """Rows ``r = (b * S + i) * HKV + h`` in ``[BR * pid, BR * (pid + 1))`` of one value tensor:
+    ``C`` (contiguous) gets the row with its non-finite entries as 0, ``F[b, h, i]`` 1 where the
+    row held one (else 0)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = r < N_ROWS
+    r64 = r.to(tl.int64)
+    h = r64 % HKV
+    i = (r64 // HKV) % S
+    b = r64 // (HKV * S)
+    ee = tl.arange(0, DV_PAD)
+    m = ok[:, None] & (ee < DV)[None, :]
+    x = tl.load(V + b[:, None] * sv[0] + i[:, None] * sv[1] + h[:, None] * sv[2] + ee[None, :], mask=m, other=0.0)
+    finite = tl.abs(x) < float("inf")              # False for NaN and for both infinities
+    tl.store(C + r64[:, None] * DV + ee[None, :], tl.where(finite, x, 0.0).to(C.dtype.element_ty), mask=m)
+    bad = tl.reduce(tl.where(finite, 0, 1), 1, max_combine)
+    tl.store(F + (b * HKV + h) * S + i, bad.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _clean_values_kernel(V1, V2, C1, C2, F, sv1, sv2, S, HKV, N_ROWS,
+                         DV: tl.constexpr, DV_PAD: tl.constexpr, BR: tl.constexpr):
+    """:func:`_clean_rows` of v1 (program axis 1 = 0: ``F[0]``) or v2 (1: ``F[1]``); ``F`` is
+    ``[2, B, HKV, S]`` int8."""
+    if tl.program_id(1) == 0:
+        _clean_rows(V1, C1, F, sv1, S, HKV, N_ROWS, DV, DV_PAD, BR)
+    else:
+        _clean_rows(V2, C2, F + N_ROWS, sv2, S, HKV, N_ROWS, DV, DV_PAD, BR)
+
+
+@triton.jit
+def _window_holds(CNT, b, hk, HKV, S, i, W, ok):
+    """Whether the window ``(i - W, i]`` of each position ``i`` holds a flagged position, from
+    ``CNT [B, HKV, S]``, the flags' running count along the sequence (:func:`clean_values`)."""
+    base = CNT + (b * HKV + hk) * S
+    upto_i = tl.load(base + i, mask=ok, other=0)
+    upto_i_minus_w = tl.load(base + i - W, mask=ok & (i >= W), other=0)
+    return upto_i > upto_i_minus_w
+
+
+@triton.jit
 def _two_simplicial_fwd_kernel(
-    Q, KS, VS, KB, VB, KB_DESC, VB_DESC, KB_DESC2, VB_DESC2, O, LSE,
+    Q, KS, VS, KB, VB, KB_DESC, VB_DESC, KB_DESC2, VB_DESC2, O, LSE, CNT_S, CNT_B,
     sq, sks, svs, skb, svb, so, slse,
     S, HKV, GQA, NHB, WS, WB, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
@@ -267,8 +308,8 @@ def _two_simplicial_fwd_kernel(
         L_c = tl.reduce(a3 * tl.reshape(l_sum, [NQ, BT]), 1, sum_combine)
         # rows that do not exist get weight 0, and their y is dropped by a select, not a product:
         # their acc is not finite when a key of the block is (z = 0 there: 0 * inf = nan), and
-        # 0 * nan = nan would reach the query's real rows. (The op hands the kernel v_b with
-        # non-finite entries as 0: interface.two_simplicial_attention, mark_nonfinite.)
+        # 0 * nan = nan would reach the query's real rows. (v_b reaches the kernel with its
+        # non-finite entries as 0: clean_values.)
         a_r = tl.where(rvalid, tl.reshape(a3, [BM]), 0.0)
         y = tl.where(rvalid[:, None], acc * vs_rows * a_r[:, None], 0.0)
         O_c = tl.reduce(tl.reshape(y, [NQ, BT, DV_PAD]), 1, sum_combine)
@@ -288,6 +329,10 @@ def _two_simplicial_fwd_kernel(
     h_q = hk * GQA + hl_q
     L_safe = tl.where(L_q > 0.0, L_q, 1.0)
     o = O_q / L_safe[:, None]
+    # a query whose window holds a non-finite value gets NaN in its whole row (the kernel
+    # computed with the values cleaned: docs/kernels.md, Non-finite inputs)
+    holds = _window_holds(CNT_S, b, hk, HKV, S, i_q, WS, ok_q) | _window_holds(CNT_B, b, hk, HKV, S, i_q, WB, ok_q)
+    o = tl.where(holds[:, None], float("nan"), o)
     tl.store(O + b * so[0] + i_q[:, None] * so[1] + h_q[:, None] * so[2] + ee[None, :],
              o.to(O.dtype.element_ty), mask=ok_q[:, None] & emask[None, :])
     lse = (M_q + tl.math.log2(L_safe)) * 0.6931471805599453
@@ -336,26 +381,51 @@ def _kv_desc(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
+def clean_values(v1, v2):
+    """``(c1, c2, counts)``: copies of ``v1``, ``v2`` ``[B, S, Hkv, Dv]`` (contiguous) with their
+    non-finite entries as 0, and ``counts [2, B, Hkv, S]`` int32, for each of the two the number
+    of positions up to each position whose value row holds a non-finite entry. One kernel
+    launch for both tensors, and one cumulative sum (docs/kernels.md, Non-finite inputs)."""
+    v1, v2 = (v if v.stride(-1) == 1 else v.contiguous() for v in (v1, v2))
+    B, S, Hkv, Dv = v1.shape
+    c1, c2 = torch.empty_like(v1, memory_format=torch.contiguous_format), torch.empty_like(v2, memory_format=torch.contiguous_format)
+    flags = torch.empty((2, B, Hkv, S), dtype=torch.int8, device=v1.device)
+    n_rows = B * S * Hkv
+    if n_rows:
+        br = 32 if v1.device.type == "cuda" else 16
+        kernel(_clean_values_kernel, v1.device)[(triton.cdiv(n_rows, br), 2)](
+            v1, v2, c1, c2, flags, strides(v1), strides(v2), S, Hkv, n_rows, DV=Dv, DV_PAD=padded(Dv), BR=br,
+            num_warps=4)
+    return c1, c2, flags.cumsum(-1, dtype=torch.int32)
+
+
 def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_tf32: bool, config: dict | None = None,
-                       form: str = "trilinear"):
+                       form: str = "trilinear", keep_values: bool = False):
     """Forward of 2-simplicial attention in ``form``, ``"trilinear"`` or ``"determinant"``
     (at head dim D: docs/kernels.md, The determinant form at head dim D).
 
     q ``[B, S, Hq, D]``; k1, k2 ``[B, S, Hkv, D]``; v1, v2 ``[B, S, Hkv, Dv]`` (any strides;
     a non-unit last stride is made contiguous). Returns ``(out [B, S, Hq, Dv] in q.dtype,
-    lse [B, Hq, S] float32)``. fp32 inputs use tf32 tensor cores only when ``allow_tf32``.
-    ``config`` overrides the default launch configuration, for tuning (the knobs of
-    :func:`fwd_config`: block_m, block_n, num_warps, num_stages) and for A/B tests and tests (the
-    :data:`SWITCHES`). The window roles come from :func:`~twosimplicial.ops.plan.make_plan`, as
-    in the backward.
+    lse [B, Hq, S] float32)``, and with ``keep_values`` also the values the kernel computed with
+    (:func:`clean_values`: non-finite entries as 0), which the backward takes. An output row whose
+    window holds a non-finite value is NaN (docs/kernels.md, Non-finite inputs). fp32 inputs use
+    tf32 tensor cores only when ``allow_tf32``. ``config`` overrides the default launch
+    configuration, for tuning (the knobs of :func:`fwd_config`: block_m, block_n, num_warps,
+    num_stages) and for A/B tests and tests (the :data:`SWITCHES`). The window roles come from
+    :func:`~twosimplicial.ops.plan.make_plan`, as in the backward.
     """
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
-    return canonical_fwd(plan, q, *plan.split(k1, v1, k2, v2), scale, config, form)
+    c1, c2, counts = clean_values(v1, v2)
+    out, lse = canonical_fwd(plan, q, *plan.split(k1, c1, k2, c2), plan.roles(counts[0], counts[1]), scale,
+                             config, form)
+    return (out, lse, c1, c2) if keep_values else (out, lse)
 
 
-def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | None = None, form: str = "trilinear"):
+def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, config: dict | None = None,
+                  form: str = "trilinear"):
     """:func:`two_simplicial_fwd` on the canonical problem: ``(ks, vs)`` over the small window
-    ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb``."""
+    ``plan.ws``, ``(kb, vb)`` over the big window ``plan.wb`` (values finite), ``counts`` the
+    running counts of non-finite value rows ``[B, Hkv, S]`` of the two, in the same roles."""
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
     q, kb, vb, ks, vs = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kb, vb, ks, vs))
     out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
@@ -374,7 +444,7 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, scale: float, config: dict | No
     use_tma = all(d is not None for d in descs)
     neg_z, qk_scale = z_scaling(scale)
     kernel(_two_simplicial_fwd_kernel, q.device)[grid](
-        q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse,
+        q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse, *counts,
         strides(q), strides(ks), strides(vs), strides(kb), strides(vb), strides(out), (lse.stride(0), lse.stride(1)),
         S, Hkv, plan.gqa, NHB, ws, wb, qk_scale,
         D=D, DV=Dv, D_PAD=padded(D), DV_PAD=padded(Dv), BN=BN, BN2=BN2, BI=BI, BH=BH, BT=BT,

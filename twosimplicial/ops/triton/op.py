@@ -37,8 +37,11 @@ from .fwd import two_simplicial_fwd
 
 @torch.library.custom_op("twosimplicial::fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor,
-         w1: int, w2: int, scale: float, allow_tf32: bool, form: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form=form)
+         w1: int, w2: int, scale: float, allow_tf32: bool, form: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # out, lse, and the values as the kernel computed with them (non-finite entries as 0), for
+    # the backward
+    return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form=form, keep_values=True)
 
 
 @_fwd.register_fake
@@ -46,7 +49,7 @@ def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form):
     B, S, Hq, _ = q.shape
     out = q.new_empty((B, S, Hq, v1.shape[3]))
     lse = q.new_empty((B, Hq, S), dtype=torch.float32)
-    return out, lse
+    return out, lse, torch.empty(v1.shape, dtype=v1.dtype, device=v1.device), torch.empty(v2.shape, dtype=v2.dtype, device=v2.device)
 
 
 @torch.library.custom_op("twosimplicial::bwd", mutates_args=())
@@ -65,14 +68,14 @@ def _bwd_fake(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf32, form):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k1, v1, k2, v2, out, lse)
+    q, k1, _, k2, _, w1, w2, scale, allow_tf32, form = inputs
+    out, lse, c1, c2 = output
+    ctx.save_for_backward(q, k1, c1, k2, c2, out, lse)
     ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32, ctx.form = w1, w2, scale, allow_tf32, form
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, c1, c2)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, dc1, dc2):
     q, k1, v1, k2, v2, out, lse = ctx.saved_tensors
     dq, dk1, dv1, dk2, dv2 = _bwd(dout.contiguous(), q, k1, v1, k2, v2, out, lse,
                                   ctx.w1, ctx.w2, ctx.scale, ctx.allow_tf32, ctx.form)
@@ -94,7 +97,8 @@ def triton_attention(plan: Plan, q, k1, v1, k2, v2, scale: float, form: str = "t
     float16/bfloat16/float32, same device, ``[B, S, H, D]`` layout, ``Hq % Hkv == 0``).
     Returns ``(out [B, S, Hq, Dv] in q.dtype, lse [B, Hq, S] float32)``.
     """
-    return _fwd(q, k1, v1, k2, v2, plan.w1, plan.w2, float(scale), plan.allow_tf32, form)
+    out, lse, _, _ = _fwd(q, k1, v1, k2, v2, plan.w1, plan.w2, float(scale), plan.allow_tf32, form)
+    return out, lse
 
 
 def triton_two_simplicial(q, k1, v1, k2, v2, w1: int, w2: int, scale: float):
