@@ -31,5 +31,5 @@ def test_kernels_compile_for_sm90_and_hash(tmp_path):
     hashes = json.loads(out.read_text())["hashes"]
     assert set(hashes) == {"s1", "d48"}
     for case in hashes.values():
-        assert set(case) == {"fwd", "delta", "keys", "rows"}
+        assert set(case) == {"clean", "fwd", "delta", "keys", "rows"}
         assert all(re.fullmatch(r"[0-9a-f]{16}", h) for h in case.values())

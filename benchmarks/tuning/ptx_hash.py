@@ -56,7 +56,8 @@ CASES = {
     "det-k1-small": (1, 512, 4, 2, 64, 64, 32, 100, BF16, False, 0.125, {}),       # sgn = -1
 }
 # cases named det-* compile the kernels' native determinant form (FORM = +-1); the others the trilinear
-# the backward's kernels in launch order
+# the kernels of each phase, in launch order
+FWD_NAMES = ("clean", "fwd")           # fwd.clean_values, then the forward
 BWD_NAMES = ("delta", "keys", "rows")
 
 
@@ -128,7 +129,7 @@ def run_case(name, fwd, bwd, sink):
                                             w1, w2, scale, tf32, form=form))):
         sink.clear()
         call()
-        labels = ("fwd",) if phase == "fwd" else BWD_NAMES
+        labels = FWD_NAMES if phase == "fwd" else BWD_NAMES
         assert len(sink) == len(labels), [n for n, _ in sink]
         for label, (fn_name, ptx) in zip(labels, sink):
             norm = normalise(ptx)
