@@ -47,7 +47,14 @@ def _check(device, dtype, B, S, Hq, Hkv, D, Dv, w1, w2, scale, tol, seed=0):
     for name in errs:
         g, r = errs[name].detach().cpu().double(), refs[name].detach().double()
         assert torch.isfinite(g).all(), name
-        errs[name] = (g - r).norm().item() / max(r.norm().item(), 1e-6 * r.numel() ** 0.5)
+        if S == 1 and name in ("q", "k1", "k2"):
+            # one key pair: P = 1 and dS = dP - Delta = 0, so these gradients are exactly 0; the
+            # kernels' are the rounding of dP - Delta, measured against elements of size 1 (the
+            # inputs' scale)
+            assert r.abs().max().item() < 1e-12, name
+            errs[name] = g.norm().item() / g.numel() ** 0.5
+        else:
+            errs[name] = (g - r).norm().item() / max(r.norm().item(), 1e-6 * r.numel() ** 0.5)
     assert max(errs.values()) < tol, errs
 
 
