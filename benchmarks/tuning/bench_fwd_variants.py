@@ -31,6 +31,9 @@ CASES = {  # name: (B, S, Hq, Hkv, D, Dv, w1, w2); FLOPs counted at head dim min
     "mha-d64": (2, 8192, 16, 16, 64, 64, 512, 32),
     # the determinant form at the mha shape, as the kernel sees it: D' = 2 * 3 * (128 // 3) + 128 % 3
     "det": (1, 8192, 16, 16, 254, 128, 512, 32),
+    # the weak window shapes of issue 18 (mha, D = 128)
+    "w256x64": (1, 8192, 16, 16, 128, 128, 256, 64),
+    "w128x128": (1, 8192, 16, 16, 128, 128, 128, 128),
 }
 VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "default": {},
@@ -47,6 +50,12 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "tma-bn128": dict(tma=True, block_n=128, num_stages=2),
     "tma-m128-bn128": dict(tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2),
     "tma-m128": dict(tma=True, block_m=128, num_warps=8, num_stages=3),
+    # tile shapes for wide small windows (default: 128 rows, 8 warps, 3 stages past ws = 64)
+    "m64": dict(block_m=64, num_warps=4, num_stages=3),
+    "m128-4w": dict(block_m=128, num_warps=4, num_stages=2),
+    "m128-bn32": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
+    "m256": dict(block_m=256, num_warps=8, num_stages=2),
+    "m256-bn32": dict(block_m=256, block_n=32, num_warps=8, num_stages=2),
     # the tile's right-edge key (P == 2) by a masked narrow block instead of a per-row dot
     "narrow": dict(edge_dot=False),
     # v_s rows loaded after the key loop instead of with q and k_s
