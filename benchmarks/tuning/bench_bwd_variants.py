@@ -97,6 +97,15 @@ def kernel_times(fn):
     return {k: round(v, 3) for k, v in sorted(t.items(), key=lambda kv: -kv[1])[:6]}
 
 
+CASES = {  # name: (B, S, Hq, Hkv, D, w1, w2), bf16, Dv = D
+    "gqa64": (2, 8192, 64, 1, 128, 512, 32),
+    "mha": (1, 8192, 16, 16, 128, 512, 32),
+    # the weak window shapes of issue 18
+    "w256x64": (1, 8192, 16, 16, 128, 256, 64),
+    "w128x128": (1, 8192, 16, 16, 128, 128, 128),
+}
+
+
 def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
     dtype = torch.bfloat16
     q, k1, v1, k2, v2, do = inputs(B, S, Hq, Hkv, D, D, dtype)
@@ -150,7 +159,8 @@ def main():
     ap.add_argument("--no-checks", action="store_true", help="timing only (the GPU tests check)")
     ap.add_argument("--configs", default="default")
     ap.add_argument("--variants", default=None,
-                    help='JSON {"gqa64": [[name, cfg], ...], "mha": [...]}; cfg may name a "module" file')
+                    help='JSON {case: [[name, cfg], ...], ...} for cases of CASES (gqa64, mha, w256x64, '
+                         'w128x128); cfg may name a "module" file')
     a = ap.parse_args()
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -180,8 +190,9 @@ def main():
         return list(v.items()) if a.configs in ("sweep", "final") else [("default", None)]
     var = json.loads(a.variants) if a.variants else None
     if not a.quick:
-        time_case(rows, "gqa64", 2, 8192, 64, 1, 128, 512, 32, var["gqa64"] if var else sweep(4 if a.configs == "sweep" else 2))
-        time_case(rows, "mha", 1, 8192, 16, 16, 128, 512, 32, var["mha"] if var else sweep(1))
+        for name in var or ("gqa64", "mha"):
+            configs = var[name] if var else sweep((4 if a.configs == "sweep" else 2) if name == "gqa64" else 1)
+            time_case(rows, name, *CASES[name], configs)
     with open(a.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                        rows=rows), f, indent=1)
