@@ -12,9 +12,9 @@ Cases (bf16, S = 8192 and windows (w1, w2) = (512, 32) unless named; the issue-1
 ``gqa64`` B2 Hq64 Hkv1 D128; ``mha`` B1 H16 D128; ``mha-d64`` B2 H16 D64; ``gqa8`` B1 Hq32 Hkv4
 D128; ``mha-w1024x16``, ``mha-w256x64``, ``mha-w128x128`` the mha shape with those windows;
 ``lm-b16-s1024-h4-d64``, ``lm-b8-s2048-h8-d64``, ``lm-b16-s1024-h2-d128`` (MHA); ``det`` the
-determinant form at the mha shape (its transform to a trilinear form of about 2D), ``det-native``
-the same on the kernels' native determinant path (docs/kernels.md, The determinant form at head
-dim D). Group ``table1``: ``table1-<w1>x<w2>``, the paper's window grid
+determinant form at the mha shape, on the path the op takes (the kernels' native determinant:
+docs/kernels.md, The determinant form at head dim D), ``det-transform`` the same through its
+transform to a trilinear form of about 2D. Group ``table1``: ``table1-<w1>x<w2>``, the paper's window grid
 at the gqa64 shape. Every case runs forward and backward. ``--shapes model`` makes one case
 ``model-<preset>-b<B>-s<S>`` from a ``twosimplicial.models.ModelConfig`` preset (+ ``--set
 field=value``): the shape of its 2-simplicial layers (``simplicial_heads``, ``simplicial_kv_heads``,
@@ -97,7 +97,7 @@ class Case:
     w1: int
     w2: int
     form: str = "trilinear"
-    native: bool = False           # the form on the kernels' native path (forms.Form.native forced on)
+    native: bool | None = None     # forms.Form.native forced on / off for the case; None: the registry's
     group: str = "issue"           # issue | table1 | model | sweep
     layers: int | None = None      # model / sweep: how many 2-simplicial layers have this shape
     target: tuple | None = None    # (forward, backward) ratio to cuDNN; None: the issue-18 rule below
@@ -108,7 +108,7 @@ class Case:
 
     @property
     def shape(self) -> str:
-        f = "" if self.form == "trilinear" else f" {self.form}" + (" native" if self.native else "")
+        f = "" if self.form == "trilinear" else f" {self.form}" + {None: "", True: " native", False: " transform"}[self.native]
         return f"B{self.B} S{self.S} Hq{self.Hq} Hkv{self.Hkv} D{self.D} {self.w1}x{self.w2}{f}"
 
     @property
@@ -145,7 +145,7 @@ ISSUE = [
     Case("lm-b8-s2048-h8-d64", 8, 2048, 8, 8, 64, 512, 32),
     Case("lm-b16-s1024-h2-d128", 16, 1024, 2, 2, 128, 512, 32),
     Case("det", 1, 8192, 16, 16, 128, 512, 32, form="determinant"),
-    Case("det-native", 1, 8192, 16, 16, 128, 512, 32, form="determinant", native=True),
+    Case("det-transform", 1, 8192, 16, 16, 128, 512, 32, form="determinant", native=False),
 ]
 TABLE1 = [(1024, 32), (512, 64), (128, 128), (256, 64), (512, 32), (1024, 16), (256, 32)]
 CASES = {c.name: c for c in ISSUE}
@@ -219,15 +219,18 @@ def sweep_cases(config: str, sets: list[str]) -> dict[str, Case]:
 
 @contextlib.contextmanager
 def _native_path(c: Case):
-    """While case ``c`` runs: its form on the Triton kernels' native path if ``c.native``
-    (``forms.Form.native`` on, restored after)."""
-    if not c.native:
+    """While case ``c`` runs: its form on the Triton kernels' native path or not, as ``c.native``
+    says (``forms.Form.native`` set, restored after); the registry's choice where it is None."""
+    if c.native is None:
         yield
         return
     if not hasattr(forms.Form, "native"):         # an older package (the "before" of a comparison)
+        if not c.native:                          # which has only the transform
+            yield
+            return
         raise RuntimeError("this twosimplicial has no native forms (forms.Form.native)")
     entry = forms.REGISTRY[c.form]
-    forms.REGISTRY[c.form] = replace(entry, native=True)
+    forms.REGISTRY[c.form] = replace(entry, native=c.native)
     try:
         yield
     finally:

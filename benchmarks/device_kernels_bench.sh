@@ -19,7 +19,7 @@
 # ms: about 217 s a run, of which about 170 s compiling (about 12 s a case, 25 s for each det case)
 # and 47 s timing (gqa64 the longest: ~9 s of timing, its backward ~0.1 s a call); two runs, ~10 s of
 # start-up each and the comparison: about 7.5 minutes (the BEFORE run of a package without native
-# forms records det-native as an error and skips it). Guard rails: each run gets --budget-s $BUDGET (default
+# forms runs det-transform on its transform, its only path). Guard rails: each run gets --budget-s $BUDGET (default
 # 230: a case whose estimate would pass it is skipped and listed in the JSON's "skipped") and a hard
 # timeout of BUDGET + 30 s (the JSON and PNG of the finished cases are still written), so the whole
 # command ends within 2 x 260 s + the comparison, under 9 minutes, whatever the compile times.

@@ -21,7 +21,7 @@ from benchmarks import compare_kernels as ck  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ISSUE_NAMES = ["gqa64", "mha", "mha-d64", "gqa8", "mha-w1024x16", "mha-w256x64", "mha-w128x128",
                "lm-b16-s1024-h4-d64", "lm-b8-s2048-h8-d64", "lm-b16-s1024-h2-d128", "det",
-               "det-native"]
+               "det-transform"]
 
 
 def test_n_triples_matches_the_sum():

@@ -3,8 +3,8 @@ query is a cross product, docs/kernels.md, The determinant form at head dim D) a
 autograd through the dense reference.
 
 CPU: the interpreter (tiny tiles), fp32 and fp16. GPU (``-m gpu``): bf16/fp16/fp32 at tiles the
-GPU uses. ``Form.native`` is off for the determinant form until these pass on a GPU, so the tests
-call the kernels with the form directly (``native`` fixture).
+GPU uses. The ``native`` fixture sets ``Form.native`` for the test, so that the tests check the
+native kernels whatever the registry's default.
 """
 from __future__ import annotations
 

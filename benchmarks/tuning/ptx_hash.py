@@ -45,7 +45,7 @@ CASES = {
     "fp32-ieee": (1, 512, 4, 2, 64, 64, 128, 32, FP32, False, 0.125, {}),
     "fp32-tf32": (1, 512, 4, 2, 64, 64, 128, 32, FP32, True, 0.125, {}),
     "d48": (1, 512, 4, 2, 48, 48, 100, 20, BF16, False, 0.125, {}),                # pointer loads, masked head dim
-    "w256x128": (1, 1024, 4, 4, 64, 64, 256, 128, BF16, False, 0.125, {}),         # 128-row tiles, 8 warps
+    "w256x128": (1, 1024, 4, 4, 64, 64, 256, 128, BF16, False, 0.125, {}),         # 128-row tiles (ws > 64)
     "w300x200": (1, 1024, 4, 4, 64, 64, 300, 200, BF16, False, 0.125, {}),         # forward chunk loop (ws > T)
     "s1": (2, 1, 4, 2, 64, 64, 1, 1, BF16, False, 0.125, {}),                      # integer args of 1 specialised
     "negative-scale": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, -0.125, {}),

@@ -17,9 +17,9 @@ operation; The determinant form). Each :class:`Form` holds
   3 dims). ``ModelConfig`` and ``TwoSimplicialAttention`` enforce it; the op takes any head dim
   (below 3 the determinant form has no 3-chunk and reduces to the trilinear term of its dims).
 - ``native``: the Triton kernels compute the form at head dim ``D`` themselves (their ``FORM``,
-  ``ops/triton/common.py``), so the op skips ``to_trilinear`` on that backend. The determinant
-  form's native kernels (docs/kernels.md, The determinant form at head dim D) pass the CPU
-  interpreter's tests but have not yet run on a GPU, so it is off: the GPU runs its transform.
+  ``ops/triton/common.py``), so the op skips ``to_trilinear`` on that backend. Both forms are
+  native (the determinant form's kernels: docs/kernels.md, The determinant form at head dim D);
+  a new form starts with its transform and becomes native once kernels for it pass the GPU tests.
 
 ``FORMS`` (the names, in order) is the list of valid ``form`` arguments everywhere: the op, the
 decode step, the dense reference, ``ModelConfig``, the layer and the ``demo --form`` choices.
@@ -89,7 +89,8 @@ def _identity(q, k1, k2) -> Triple:
 
 REGISTRY: dict[str, Form] = {
     "trilinear": Form("trilinear", _identity, trilinear_logits, rotary=False, min_head_dim=1, native=True),
-    "determinant": Form("determinant", determinant_to_trilinear, determinant_logits, rotary=True, min_head_dim=3),
+    "determinant": Form("determinant", determinant_to_trilinear, determinant_logits, rotary=True, min_head_dim=3,
+                        native=True),
 }
 
 FORMS: tuple[str, ...] = tuple(REGISTRY)
