@@ -50,7 +50,7 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "tma-bn128": dict(tma=True, block_n=128, num_stages=2),
     "tma-m128-bn128": dict(tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2),
     "tma-m128": dict(tma=True, block_m=128, num_warps=8, num_stages=3),
-    # tile shapes for wide small windows (default: 128 rows, 8 warps, 3 stages past ws = 64)
+    # tile shapes for wide small windows (the default past ws = 64: 128 rows, 4 warps, 2 stages)
     "m64": dict(block_m=64, num_warps=4, num_stages=3),
     "m128-4w": dict(block_m=128, num_warps=4, num_stages=2),
     "m128-bn32": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
