@@ -159,6 +159,7 @@ GPU_CASES = [
     (2, 4096, 8, 8, 64, 64, 32, 512),       # MHA D = 64, windows swapped
     (1, 3000, 12, 4, 96, 64, 100, 45),      # GQA 3:1, D = 96 != Dv, odd windows
     (1, 1024, 4, 2, 64, 64, 200, 200),      # tied windows: k2 takes the small role, as in the forward
+    (1, 1024, 4, 4, 128, 128, 128, 128),    # MHA, a wide small window: one-head tiles of 8 positions x 16 offsets
 ]
 
 
