@@ -1,6 +1,8 @@
-"""The op's non-finite guard alone (``interface.clean_values`` on v1 and v2, then
-``interface.mark_nonfinite`` with windows 512 x 32), eager and under ``torch.compile``, at two LM
-shapes and the mha shape (bf16, GPU only); what the guard adds to every call of the op.
+"""The PyTorch backend's non-finite guard alone (``chunked.clean_values`` on v1 and v2, then
+``chunked.mark_nonfinite`` with windows 512 x 32), eager and under ``torch.compile``, at two LM
+shapes and the mha shape (bf16, GPU only): what these torch passes cost the Triton path while it
+ran them around its kernels (it now does the same in its own launches: docs/kernels.md,
+Non-finite inputs).
 
     OUT=out python3 -m benchmarks.tuning.nonfinite_cost      # prints and writes $OUT/nonfinite_cost.json
 """
@@ -12,7 +14,7 @@ import os
 import torch
 from triton.testing import do_bench
 
-from twosimplicial.ops.interface import clean_values, mark_nonfinite
+from twosimplicial.ops.chunked import clean_values, mark_nonfinite
 
 SHAPES = {"lm-b16-s1024-h4-d64": (16, 1024, 4, 64), "lm-b8-s2048-h8-d64": (8, 2048, 8, 64),
           "mha": (1, 8192, 16, 128)}       # B, S, H (= Hkv = Hq), D

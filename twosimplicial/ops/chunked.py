@@ -214,6 +214,53 @@ def chunked_attention(plan: Plan, q, ks, vs, kb, vb, scale):
     return ChunkedTwoSimplicial.apply(q, ks, vs, kb, vb, plan.ws, plan.wb, scale)
 
 
+def clean_values(v):
+    """``(v with non-finite entries as 0, bad)``, ``bad [B, S, Hkv]`` marking the positions whose
+    value vector holds a non-finite entry: two passes over ``v`` (a max-abs reduction, which
+    propagates NaN, and ``nan_to_num``), no sync. ``nan_to_num`` passes no gradient to the entries
+    it replaces."""
+    bad = ~torch.isfinite(torch.linalg.vector_norm(v.detach(), float("inf"), dim=-1))
+    return torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), bad
+
+
+def mark_nonfinite(out, *windows):
+    """``out`` with NaN in every output row whose window holds a non-finite value: ``windows``
+    are ``(bad, w)`` pairs, ``bad`` the ``[B, S, Hkv]`` mask of :func:`clean_values` for ``v1``
+    (or ``v2``) and ``w`` its window; the query at ``i`` sees ``(i - w, i]``.
+
+    The PyTorch backend computes with the values cleaned (non-finite entries as 0, see
+    :func:`torch_attention`): a masked key's weight is 0, but ``0 * nan = nan`` in a
+    matrix product would carry its value to queries that cannot see it, and in the backward
+    ``dO = 0`` times a non-finite value would reach gradients of positions before it. This
+    restores a non-finite result exactly where a query does see such a value, in the whole
+    row (dense arithmetic would leave the columns of the value's finite entries finite; a
+    per-column mark costs ``Dv`` times more, docs/kernels.md, Non-finite inputs). The count of
+    non-finite positions up to each position is a cumulative sum over the sequence, run along
+    contiguous memory (``[B, Hkv, S]``): no sync, traceable. The marked outputs carry no gradient
+    (``masked_fill``), so the backward, which also sees the cleaned values, stays finite for
+    every output that does not see them. Non-finite queries and keys need no help in the
+    forward: they reach exactly the outputs that see them (the backward then follows IEEE
+    arithmetic, as dense autograd does).
+    """
+    seen = None
+    for bad, w in windows:
+        count = bad.transpose(1, 2).to(torch.int32, memory_format=torch.contiguous_format).cumsum(-1)  # [B, Hkv, S]
+        before = torch.nn.functional.pad(count, (w, 0))[..., : count.shape[-1]]     # up to i - w
+        seen = count > before if seen is None else seen | (count > before)
+    B, Hkv, S = seen.shape
+    rows = seen.transpose(1, 2)[:, :, :, None, None]                                # [B, S, Hkv, 1, 1]
+    return out.view(B, S, Hkv, -1, out.shape[-1]).masked_fill(rows, float("nan")).view(out.shape)
+
+
+def torch_attention(plan: Plan, q, k1, v1, k2, v2, scale):
+    """The op's PyTorch backend: differentiable ``(out, lse)`` for validated trilinear inputs and
+    ``plan``, computed with ``v1``, ``v2``'s non-finite entries as 0 and NaN in the output rows
+    whose windows hold one (:func:`mark_nonfinite`)."""
+    (v1, bad1), (v2, bad2) = clean_values(v1), clean_values(v2)
+    out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
+    return mark_nonfinite(out, (bad1, plan.w1), (bad2, plan.w2)), lse
+
+
 def chunked_two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, scale):
     """Differentiable ``(out, lse)`` for validated trilinear inputs and windows ``w1``, ``w2``."""
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32=False)

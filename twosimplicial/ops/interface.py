@@ -14,7 +14,7 @@ import math
 import torch
 
 from .._validate import check_bool, check_choice, check_int, check_real, check_tensor
-from .chunked import chunked_attention
+from .chunked import torch_attention
 from .forms import FORMS, REGISTRY
 from .plan import make_plan
 
@@ -104,44 +104,6 @@ def check_window(name: str, w, S: int | None = None):
     return check_int(name, w, 1, what="an integer >= 1 or None (no limit)")
 
 
-def clean_values(v):
-    """``(v with non-finite entries as 0, bad)``, ``bad [B, S, Hkv]`` marking the positions whose
-    value vector holds a non-finite entry: two passes over ``v`` (a max-abs reduction, which
-    propagates NaN, and ``nan_to_num``), no sync. ``nan_to_num`` passes no gradient to the entries
-    it replaces."""
-    bad = ~torch.isfinite(torch.linalg.vector_norm(v.detach(), float("inf"), dim=-1))
-    return torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), bad
-
-
-def mark_nonfinite(out, *windows):
-    """``out`` with NaN in every output row whose window holds a non-finite value: ``windows``
-    are ``(bad, w)`` pairs, ``bad`` the ``[B, S, Hkv]`` mask of :func:`clean_values` for ``v1``
-    (or ``v2``) and ``w`` its window; the query at ``i`` sees ``(i - w, i]``.
-
-    The PyTorch backend computes with the values cleaned (non-finite entries as 0, see
-    :func:`two_simplicial_attention`): a masked key's weight is 0, but ``0 * nan = nan`` in a
-    matrix product would carry its value to queries that cannot see it, and in the backward
-    ``dO = 0`` times a non-finite value would reach gradients of positions before it. This
-    restores a non-finite result exactly where a query does see such a value, in the whole
-    row (dense arithmetic would leave the columns of the value's finite entries finite; a
-    per-column mark costs ``Dv`` times more, docs/kernels.md, Non-finite inputs). The count of
-    non-finite positions up to each position is a cumulative sum over the sequence, run along
-    contiguous memory (``[B, Hkv, S]``): no sync, traceable. The marked outputs carry no gradient
-    (``masked_fill``), so the backward, which also sees the cleaned values, stays finite for
-    every output that does not see them. Non-finite queries and keys need no help in the
-    forward: they reach exactly the outputs that see them (the backward then follows IEEE
-    arithmetic, as dense autograd does).
-    """
-    seen = None
-    for bad, w in windows:
-        count = bad.transpose(1, 2).to(torch.int32, memory_format=torch.contiguous_format).cumsum(-1)  # [B, Hkv, S]
-        before = torch.nn.functional.pad(count, (w, 0))[..., : count.shape[-1]]     # up to i - w
-        seen = count > before if seen is None else seen | (count > before)
-    B, Hkv, S = seen.shape
-    rows = seen.transpose(1, 2)[:, :, :, None, None]                                # [B, S, Hkv, 1, 1]
-    return out.view(B, S, Hkv, -1, out.shape[-1]).masked_fill(rows, float("nan")).view(out.shape)
-
-
 def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="trilinear",
                              return_lse=False, backend="auto"):
     """2-simplicial attention with causal sliding windows (docs/math.md, The operation).
@@ -185,14 +147,10 @@ def two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, *, scale=None, form="tri
         out = q.new_zeros(plan.B, plan.S, plan.Hq, plan.Dv) + anchor
         lse = torch.zeros(plan.B, plan.Hq, plan.S, dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    # Non-finite values (docs/kernels.md, Non-finite inputs): both backends compute with v1, v2
-    # with non-finite entries as 0 and mark with NaN the output rows whose windows hold one;
-    # every other output, and every gradient that does not come through a marked output, is
-    # what it would be with a 0 there. The Triton kernels do it themselves, without passes here.
+    # each backend computes with v1, v2 with non-finite entries as 0 and marks with NaN the
+    # output rows whose windows hold one (docs/kernels.md, Non-finite inputs)
     if chosen == "triton":
         out, lse = _TRITON_OP.triton_attention(plan, q, k1, v1, k2, v2, scale, kernel_form)
     else:
-        (v1, bad1), (v2, bad2) = clean_values(v1), clean_values(v2)
-        out, lse = chunked_attention(plan, q, *plan.split(k1, v1, k2, v2), scale)
-        out = mark_nonfinite(out, (bad1, plan.w1), (bad2, plan.w2))
+        out, lse = torch_attention(plan, q, k1, v1, k2, v2, scale)
     return (out, lse) if return_lse else out

@@ -49,7 +49,7 @@ def _fwd_fake(q, k1, v1, k2, v2, w1, w2, scale, allow_tf32, form):
     B, S, Hq, _ = q.shape
     out = q.new_empty((B, S, Hq, v1.shape[3]))
     lse = q.new_empty((B, Hq, S), dtype=torch.float32)
-    return out, lse, torch.empty(v1.shape, dtype=v1.dtype, device=v1.device), torch.empty(v2.shape, dtype=v2.dtype, device=v2.device)
+    return out, lse, v1.new_empty(v1.shape), v2.new_empty(v2.shape)      # contiguous, as clean_values makes them
 
 
 @torch.library.custom_op("twosimplicial::bwd", mutates_args=())
