@@ -33,13 +33,15 @@ def inputs(B, S, Hq, Hkv, D, Dv, dtype, seed=0, mult=1.0):
     return mk(B, S, Hq, D), mk(B, S, Hkv, D), mk(B, S, Hkv, Dv), mk(B, S, Hkv, D), mk(B, S, Hkv, Dv), mk(B, S, Hq, Dv)
 
 
-def fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale):
+def fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale, form="trilinear"):
     try:
         from twosimplicial.ops.triton.fwd import two_simplicial_fwd
-        return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, False)
+        return two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, False, form=form)
     except Exception as e:  # the forward helper's kernel may be mid-edit: fall back to torch
         print("triton fwd unavailable:", repr(e)[:200])
         from twosimplicial.ops.chunked import chunked_two_simplicial_attention
+        from twosimplicial.ops.forms import REGISTRY
+        q, k1, k2 = REGISTRY[form].to_trilinear(q, k1, k2)
         out, lse = chunked_two_simplicial_attention(*(x.float() for x in (q, k1, v1, k2, v2)), w1, w2, scale)
         return out.to(q.dtype), lse.float()
 
@@ -82,6 +84,27 @@ def load_module(path):
     return mod
 
 
+def report_kernels(kernels):
+    """Registers, spills and shared memory of every compiled version of ``kernels`` (Triton
+    JITFunctions of this process), and what ptxas -v says about them (C7514: serialised wgmma)."""
+    import os
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    for fn in kernels:
+        for caches in fn.device_caches.values():
+            for key, k in caches[0].items():
+                line = (f"{fn.fn.__name__} regs {k.n_regs} spills {k.n_spills} smem {k.metadata.shared} "
+                        f"warps {k.metadata.num_warps} stages {k.metadata.num_stages} key {str(key)[-160:]}")
+                with tempfile.TemporaryDirectory() as d:
+                    open(f"{d}/k.ptx", "w").write(k.asm["ptx"])
+                    r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.o"],
+                                       capture_output=True, text=True)
+                    notes = [x.strip() for x in (r.stdout + r.stderr).splitlines() if "C75" in x or "spill" in x]
+                print(line, "|", " ; ".join(notes)[:300], flush=True)
+
+
 def kernel_times(fn):
     from torch.profiler import profile, ProfilerActivity
     fn()
@@ -103,14 +126,22 @@ CASES = {  # name: (B, S, Hq, Hkv, D, w1, w2), bf16, Dv = D
     # the weak window shapes of issue 18
     "w256x64": (1, 8192, 16, 16, 128, 256, 64),
     "w128x128": (1, 8192, 16, 16, 128, 128, 128),
+    # the LM shapes of issue 18
+    "lm-h4-d64": (16, 1024, 4, 4, 64, 512, 32),
+    "lm-h8-d64": (8, 2048, 8, 8, 64, 512, 32),
+    "lm-h2-d128": (16, 1024, 2, 2, 128, 512, 32),
+    # the determinant form at the mha shape (native kernels, head dim D; FORMS below)
+    "det": (1, 8192, 16, 16, 128, 512, 32),
 }
+FORMS = {"det": "determinant"}   # the form of a case (default: trilinear)
 
 
 def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
     dtype = torch.bfloat16
     q, k1, v1, k2, v2, do = inputs(B, S, Hq, Hkv, D, D, dtype)
     scale = 1.0 / math.sqrt(D)
-    out, lse = fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale)
+    form = FORMS.get(name, "trilinear")
+    out, lse = fwd_out_lse(q, k1, v1, k2, v2, w1, w2, scale, form)
     flops = 2.5 * 4 * D * n_triples(S, w1, w2) * B * Hq
     first = None
     for cname, cfg in configs:
@@ -119,7 +150,7 @@ def time_case(rows, name, B, S, Hq, Hkv, D, w1, w2, configs):
             cfg = dict(cfg)
             bwd = load_module(cfg.pop("module")).two_simplicial_bwd
             cfg = cfg or None
-        fn = lambda: bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, False, config=cfg)
+        fn = lambda: bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, False, config=cfg, form=form)
         try:
             grads = fn()
             if first is None:
@@ -160,7 +191,7 @@ def main():
     ap.add_argument("--configs", default="default")
     ap.add_argument("--variants", default=None,
                     help='JSON {case: [[name, cfg], ...], ...} for cases of CASES (gqa64, mha, w256x64, '
-                         'w128x128); cfg may name a "module" file')
+                         'w128x128, lm-*, det); cfg may name a "module" file')
     a = ap.parse_args()
     rows = []
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -193,6 +224,8 @@ def main():
         for name in var or ("gqa64", "mha"):
             configs = var[name] if var else sweep((4 if a.configs == "sweep" else 2) if name == "gqa64" else 1)
             time_case(rows, name, *CASES[name], configs)
+    from twosimplicial.ops.triton.bwd import _bwd_big_keys, _bwd_rows
+    report_kernels([_bwd_big_keys, _bwd_rows])
     with open(a.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                        rows=rows), f, indent=1)

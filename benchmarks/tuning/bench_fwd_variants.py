@@ -21,7 +21,7 @@ import torch
 import triton
 
 from twosimplicial.models import n_triples
-from benchmarks.tuning.bench_bwd_variants import load_module
+from benchmarks.tuning.bench_bwd_variants import load_module, report_kernels
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention
 from twosimplicial.ops.triton.fwd import two_simplicial_fwd
 
@@ -31,10 +31,17 @@ CASES = {  # name: (B, S, Hq, Hkv, D, Dv, w1, w2); FLOPs counted at head dim min
     "mha-d64": (2, 8192, 16, 16, 64, 64, 512, 32),
     # the determinant form at the mha shape, as the kernel sees it: D' = 2 * 3 * (128 // 3) + 128 % 3
     "det": (1, 8192, 16, 16, 254, 128, 512, 32),
+    # the determinant form at the mha shape on its native kernels (head dim D, FORMS below)
+    "det-native": (1, 8192, 16, 16, 128, 128, 512, 32),
     # the weak window shapes of issue 18 (mha, D = 128)
     "w256x64": (1, 8192, 16, 16, 128, 128, 256, 64),
     "w128x128": (1, 8192, 16, 16, 128, 128, 128, 128),
+    # the LM shapes of issue 18
+    "lm-h4-d64": (16, 1024, 4, 4, 64, 64, 512, 32),
+    "lm-h8-d64": (8, 2048, 8, 8, 64, 64, 512, 32),
+    "lm-h2-d128": (16, 1024, 2, 2, 128, 128, 512, 32),
 }
+FORMS = {"det-native": "determinant"}   # the form of a case (default: trilinear)
 VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "default": {},
     # candidates for D > 128 (the determinant form; default there: 32 keys, 2 stages, no v_s prefetch)
@@ -76,27 +83,6 @@ def fwd_fn(cfg):
     if "module" not in cfg:
         return two_simplicial_fwd, cfg
     return load_module(cfg["module"]).two_simplicial_fwd, {k: v for k, v in cfg.items() if k != "module"}
-
-
-def report_kernels():
-    """Registers, spills and shared memory of every forward kernel compiled so far, and what
-    ptxas -v says about them (C7514: serialised wgmma)."""
-    import os
-    import subprocess
-    import tempfile
-
-    from twosimplicial.ops.triton.fwd import _two_simplicial_fwd_kernel
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    for caches in _two_simplicial_fwd_kernel.device_caches.values():   # this module's kernel only
-        for key, k in caches[0].items():
-            line = (f"kernel regs {k.n_regs} spills {k.n_spills} smem {k.metadata.shared} "
-                    f"warps {k.metadata.num_warps} stages {k.metadata.num_stages} key {str(key)[-160:]}")
-            with tempfile.TemporaryDirectory() as d:
-                open(f"{d}/k.ptx", "w").write(k.asm["ptx"])
-                r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.o"],
-                                   capture_output=True, text=True)
-                notes = [x.strip() for x in (r.stdout + r.stderr).splitlines() if "C75" in x or "spill" in x]
-            print(line, "|", " ; ".join(notes)[:300], flush=True)
 
 
 def rand(*shape, gen, dtype=torch.bfloat16):
@@ -145,6 +131,7 @@ def main():
         case, _, names = spec.partition(":")
         case_variants = {n: variant(n) for n in names.split("+")} if names else variants
         B, S, Hq, Hkv, D, Dv, w1, w2 = CASES[case]
+        form = FORMS.get(case, "trilinear")
         Dm = min(D, Dv)                                    # head dim the FLOPs (and cuDNN) use
         flops = 4 * Dm * n_triples(S, w1, w2) * B * Hq
         q = rand(B, S, Hq, D, gen=gen)
@@ -152,7 +139,7 @@ def main():
         base = None
         for name, cfg in case_variants.items():
             fwd, c = fwd_fn(cfg)
-            f = lambda: fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=c)
+            f = lambda: fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=c, form=form)
             try:
                 out = f()[0]
                 diff = 0.0 if base is None else rel(out, base)
@@ -176,7 +163,8 @@ def main():
         table.append((case, "sdpa-cudnn", ms, 4 * S * L * Dm * Hq * B / ms / 1e9, math.nan))
         del sq, sk, sv
         torch.cuda.empty_cache()
-    report_kernels()
+    from twosimplicial.ops.triton.fwd import _two_simplicial_fwd_kernel
+    report_kernels([_two_simplicial_fwd_kernel])
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     ref = {c: tf for c, n, _, tf, _ in table if n == "sdpa-cudnn"}
     print(f"{'case':10s} {'variant':22s} {'ms':>8s} {'TFLOP/s':>8s} {'x cuDNN':>8s}")
