@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 
-def _rotation_index(D: int, shift: int, device) -> torch.Tensor:
+def rotation_index(D: int, shift: int, device) -> torch.Tensor:
     """Indices that cyclically shift each 3-chunk of the first ``3*(D//3)`` dims by ``shift``."""
     n = D // 3
     base = torch.arange(n, device=device)[:, None] * 3
@@ -33,7 +33,7 @@ def determinant_to_trilinear(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor
     determinant form's. Returns ``(q', k1', k2')`` with head dim ``6*(D//3) + D%3``."""
     D = q.shape[-1]
     c = 3 * (D // 3)
-    r1, r2 = _rotation_index(D, 1, q.device), _rotation_index(D, 2, q.device)
+    r1, r2 = rotation_index(D, 1, q.device), rotation_index(D, 2, q.device)
     qc = q[..., :c]
     q_ = torch.cat([qc, -qc, q[..., c:]], dim=-1)
     k1_ = torch.cat([k1[..., r1], k1[..., r2], k1[..., c:]], dim=-1)

@@ -72,8 +72,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import (chunk_columns, form_code, form_product, kernel, load_permuted, max_combine, pack_rows, padded,
-                     pow2, strides, sum_combine, z_scaling)
+from .common import (chunk_columns, form_code, kernel, max_combine, pack_rows, padded, pow2, strides, sum_combine,
+                     z_operands, z_scaling)
 
 
 @triton.jit
@@ -112,31 +112,29 @@ def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dm
     Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
     Q, KS, VS, DO, LSE, DELTA = ROW_IN
     sq, sks, svs, sdo = ROW_STRIDES
-    q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :],
-                mask=rvalid[:, None] & dmask[None, :], other=0.0)
-    ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :],
-                 mask=rvalid[:, None] & dmask[None, :], other=0.0)
+    rdm = rvalid[:, None] & dmask[None, :]
+    if FORM == 0:
+        q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :], mask=rdm, other=0.0)
+        ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :], mask=rdm, other=0.0)
+    else:                       # the determinant form: z = a * b - c * e (common.z_operands)
+        qz_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :]
+        ksz_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :]
+        za = tl.load(ksz_ptr, mask=rdm, other=0.0).to(tl.float32)
+        zb = tl.load(qz_ptr, mask=rdm, other=0.0).to(tl.float32)
+        zc = tl.load(ksz_ptr + D, mask=rdm, other=0.0).to(tl.float32)
+        ze = tl.load(qz_ptr + D, mask=rdm, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + hq[:, None] * sdo[2] + ee[None, :],
                  mask=rvalid[:, None] & emask[None, :], other=0.0)
     vs = tl.load(VS + b * svs[0] + l[:, None] * svs[1] + hk * svs[2] + ee[None, :],
                  mask=rvalid[:, None] & emask[None, :], other=0.0)
     lse2 = tl.load(LSE + (b * HQ + hq) * S + ii, mask=rvalid, other=float("inf")) * 1.4426950408889634
     dlt = tl.load(DELTA + (b * HQ + hq) * S + ii, mask=rvalid, other=0.0)
-    if NEG_Z:
-        ks = -ks
     if FORM == 0:
-        z = (q.to(tl.float32) * ks.to(tl.float32)).to(Q.dtype.element_ty)
-    else:                       # the determinant form: q and k_s at permuted columns too
-        nx, pv, in_c3 = chunk_columns(dd, D)
-        rdm = rvalid[:, None] & dmask[None, :]
-        q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2]
-        ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2]
-        q_nx, q_pv = load_permuted(q_ptr, nx[None, :], pv[None, :], rdm, "")
-        ks_nx, ks_pv = load_permuted(ks_ptr, nx[None, :], pv[None, :], rdm, "")
         if NEG_Z:
-            ks_nx, ks_pv = -ks_nx, -ks_pv
-        z = form_product(ks.to(tl.float32), q.to(tl.float32), ks_nx, ks_pv, q_nx, q_pv, in_c3[None, :],
-                         FORM).to(Q.dtype.element_ty)
+            ks = -ks
+        z = (q.to(tl.float32) * ks.to(tl.float32)).to(Q.dtype.element_ty)
+    else:
+        z = (za * zb - zc * ze).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32) * vs.to(tl.float32)).to(Q.dtype.element_ty)
     return z, dop, lse2, dlt
 
@@ -179,31 +177,32 @@ def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee,
     qok = (ii[:, None] < S) & ((h0 + hh)[None, :] < GQA)                       # [BI, BH]
     l = ii[:, None] - t0 - tt[None, :]                                         # [BI, BT]
     lok = (l >= 0) & ((t0 + tt)[None, :] < WS) & (ii[:, None] < S)
-    q = tl.load(Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2] + dd[None, None, :],
-                mask=qok[:, :, None] & dmask[None, None, :], other=0.0)
-    do = tl.load(DO + b * sdo[0] + ii[:, None, None] * sdo[1] + hq[None, :, None] * sdo[2] + ee[None, None, :],
-                 mask=qok[:, :, None] & emask[None, None, :], other=0.0)
-    ks = tl.load(KS + b * sks[0] + l[:, :, None] * sks[1] + hk * sks[2] + dd[None, None, :],
-                 mask=lok[:, :, None] & dmask[None, None, :], other=0.0)
-    vs = tl.load(VS + b * svs[0] + l[:, :, None] * svs[1] + hk * svs[2] + ee[None, None, :],
-                 mask=lok[:, :, None] & emask[None, None, :], other=0.0)
-    if NEG_Z:
-        ks = -ks
     if FORM == 0:
-        z = (q.to(tl.float32)[:, :, None, :] * ks.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
-    else:                       # the determinant form: q and k_s at permuted columns too
-        nx, pv, in_c3 = chunk_columns(dd, D)
+        q = tl.load(Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2] + dd[None, None, :],
+                    mask=qok[:, :, None] & dmask[None, None, :], other=0.0)
+    else:                       # the determinant form: z = a * b - c * e (common.z_operands)
         qm = qok[:, :, None] & dmask[None, None, :]
         km = lok[:, :, None] & dmask[None, None, :]
-        q_ptr = Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2]
-        ks_ptr = KS + b * sks[0] + l[:, :, None] * sks[1] + hk * sks[2]
-        q_nx, q_pv = load_permuted(q_ptr, nx[None, None, :], pv[None, None, :], qm, "")
-        ks_nx, ks_pv = load_permuted(ks_ptr, nx[None, None, :], pv[None, None, :], km, "")
+        qz_ptr = Q + b * sq[0] + ii[:, None, None] * sq[1] + hq[None, :, None] * sq[2] + dd[None, None, :]
+        ksz_ptr = KS + b * sks[0] + l[:, :, None] * sks[1] + hk * sks[2] + dd[None, None, :]
+        zb = tl.load(qz_ptr, mask=qm, other=0.0).to(tl.float32)
+        ze = tl.load(qz_ptr + D, mask=qm, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdo[0] + ii[:, None, None] * sdo[1] + hq[None, :, None] * sdo[2] + ee[None, None, :],
+                 mask=qok[:, :, None] & emask[None, None, :], other=0.0)
+    if FORM == 0:
+        ks = tl.load(KS + b * sks[0] + l[:, :, None] * sks[1] + hk * sks[2] + dd[None, None, :],
+                     mask=lok[:, :, None] & dmask[None, None, :], other=0.0)
+    else:
+        za = tl.load(ksz_ptr, mask=km, other=0.0).to(tl.float32)
+        zc = tl.load(ksz_ptr + D, mask=km, other=0.0).to(tl.float32)
+    vs = tl.load(VS + b * svs[0] + l[:, :, None] * svs[1] + hk * svs[2] + ee[None, None, :],
+                 mask=lok[:, :, None] & emask[None, None, :], other=0.0)
+    if FORM == 0:
         if NEG_Z:
-            ks_nx, ks_pv = -ks_nx, -ks_pv
-        z = form_product(ks.to(tl.float32)[:, None, :, :], q.to(tl.float32)[:, :, None, :],
-                         ks_nx[:, None, :, :], ks_pv[:, None, :, :], q_nx[:, :, None, :], q_pv[:, :, None, :],
-                         in_c3[None, None, None, :], FORM).to(Q.dtype.element_ty)
+            ks = -ks
+        z = (q.to(tl.float32)[:, :, None, :] * ks.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
+    else:
+        z = (za[:, None, :, :] * zb[:, :, None, :] - zc[:, None, :, :] * ze[:, :, None, :]).to(Q.dtype.element_ty)
     dop = (do.to(tl.float32)[:, :, None, :] * vs.to(tl.float32)[:, None, :, :]).to(Q.dtype.element_ty)
     z = tl.reshape(z, [BM, z.shape[3]])
     dop = tl.reshape(dop, [BM, dop.shape[3]])
@@ -487,22 +486,28 @@ def _bwd_rows(
                              mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
                 dq = _onehot_sum(dq, onehot_q, dz * ks.to(tl.float32), ONEHOT_BF16, SPLIT)
             else:
-                # the determinant form: dk_s += sgn (q x dz), dq += sgn (dz x k_s) per 3-chunk
-                # (common.form_product), with dz at the permuted columns by a register gather
-                # once per tile
-                c_nx, c_pv, in_c3 = chunk_columns(dd, D)    # (pv is dv_s's buffer here)
-                q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2]
-                ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2]
+                # the determinant form: dk_s += sgn (q x dz), dq += sgn (dz x k_s) per 3-chunk,
+                # the plain products on the leftover dims (<z, dz> = sgn q . (dz x k_s) = sgn
+                # k_s . (q x dz)), from z's operands (Q = [b, e] = [q[pv], q[nx]], KS = [a, c] =
+                # s sgn [k_s[nx], k_s[pv]] on the chunk dims, common.z_operands; s = -1 for
+                # NEG_Z), with dz at the permuted columns by a register gather once per tile:
+                #   dk_s = sgn (e dz[pv] - b dz[nx]),  dq = s (dz[nx] c - dz[pv] a)
+                # (leftover dims: dk_s = b dz, dq = s dz a)
+                c_nx, c_pv, in_c3 = chunk_columns(dd, D)
+                q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :]
+                ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :]
                 rdm = rvalid[:, None] & dmask[None, :]
-                q = tl.load(q_ptr + dd[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 dz_nx = tl.gather(dz, tl.broadcast_to(c_nx[None, :], [BM, D_PAD]), 1)
                 dz_pv = tl.gather(dz, tl.broadcast_to(c_pv[None, :], [BM, D_PAD]), 1)
-                q_nx, q_pv = load_permuted(q_ptr, c_nx[None, :], c_pv[None, :], rdm, ".ca")
+                zb = tl.load(q_ptr, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                ze = tl.load(q_ptr + D, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                sgn: tl.constexpr = 1.0 if FORM > 0 else -1.0
                 _slice_add(pk, slot, smask, dd, onehot,
-                           form_product(q, dz, q_nx, q_pv, dz_nx, dz_pv, in_c3[None, :], FORM), D_PAD, ONEHOT_BF16, SPLIT)
-                ks = tl.load(ks_ptr + dd[None, :], mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
-                ks_nx, ks_pv = load_permuted(ks_ptr, c_nx[None, :], c_pv[None, :], rdm, ".ca")
-                dq = _onehot_sum(dq, onehot_q, form_product(dz, ks, dz_nx, dz_pv, ks_nx, ks_pv, in_c3[None, :], FORM),
+                           tl.where(in_c3[None, :], sgn * (ze * dz_pv - zb * dz_nx), zb * dz), D_PAD, ONEHOT_BF16, SPLIT)
+                za = tl.load(ks_ptr, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                zc = tl.load(ks_ptr + D, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                s_z: tl.constexpr = -1.0 if NEG_Z else 1.0
+                dq = _onehot_sum(dq, onehot_q, s_z * tl.where(in_c3[None, :], dz_nx * zc - dz_pv * za, dz * za),
                                  ONEHOT_BF16, SPLIT)
         iq = i0 + rq // BH
         tl.store(DQ + b * sdq[0] + iq[:, None] * sdq[1] + hq_q[:, None] * sdq[2] + dd[None, :],
@@ -615,6 +620,9 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg, fo
     LB = max(16, pow2(BI + BT - 1))
     neg_z, qk_scale = z_scaling(scale)        # the forward's rounding of z, so P is recomputed exactly
     kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision, NEG_Z=neg_z, FORM=form_id)
+    dq = torch.empty_like(q)
+    if form_id:   # the determinant form: the kernels read z's operands in place of q, k_s (z_operands)
+        q, ks = z_operands(q, ks, form_id, neg_z)
     ins = (q, ks, vs, kb, vb, do, lse, delta)                       # both kernels' inputs, then
     ins_strides = tuple(strides(x) for x in (q, ks, vs, kb, vb, do))  # their outputs, strides alike
 
@@ -626,7 +634,6 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg, fo
     LSLOT = NB + ws - 1
     dkb = torch.empty_like(kb)
     dvb = torch.empty_like(vb)
-    dq = torch.empty_like(q)
     dks_part = torch.zeros(B, HKV, NHB, NP, LSLOT, D_PAD, device=q.device, dtype=torch.float32)
     dvs_part = torch.zeros(B, HKV, NHB, NP, LSLOT, DV_PAD, device=q.device, dtype=torch.float32)
     on_gpu = q.device.type == "cuda"

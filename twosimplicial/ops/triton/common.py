@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..determinant import rotation_index
+
 LOG2E = 1.4426950408889634
 
 # Row reductions go through tl.reduce with triton's own combine functions, tl.reduce(x, 1,
@@ -86,30 +88,27 @@ def chunk_columns(dd, D: tl.constexpr):
     return tl.where(in_c3, dd - m + (m + 1) % 3, dd), tl.where(in_c3, dd - m + (m + 2) % 3, dd), in_c3
 
 
-@triton.jit
-def load_permuted(ptr, nx, pv, mask, CACHE: tl.constexpr):
-    """fp32 loads of ``ptr + nx`` and ``ptr + pv``: rows at the permuted columns of
-    :func:`chunk_columns` (``nx``, ``pv`` broadcast like the rows' offsets), for the determinant form."""
-    return (tl.load(ptr + nx, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32),
-            tl.load(ptr + pv, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32))
+def z_operands(q, ks, form_id: int, neg_z: bool):
+    """The virtual query's operands for the determinant form (``form_id`` = sgn, non-zero), made
+    once per call so that the kernels build ``z`` from contiguous rows, as for the trilinear form:
+    ``qz [.., 2 D] = [b, e]`` from ``q`` and ``ksz [.., 2 D] = [a, c]`` from ``k_s`` with
 
+        z = a * b - c * e = s * (k_s x q) per 3-chunk, s * (k_s * q) on the leftover dims,
 
-@triton.jit
-def form_product(x, y, x_nx, x_pv, y_nx, y_pv, in_c3, FORM: tl.constexpr):
-    """The form's product of two rows, of which the virtual query and its gradients are made:
-    ``z = form_product(k_s, q)``, ``dk_s = form_product(q, dz)``, ``dq = form_product(dz, k_s)``.
-    Trilinear (FORM 0): ``x * y``. Determinant (FORM = sgn): ``sgn * (x cross y)`` per 3-chunk
-    (``x_nx``, ``x_pv``: x at the permuted columns of :func:`chunk_columns`), ``x * y`` on the
-    leftover dims. The gradients follow from <z, dz> = sgn (k_s x q) . dz = sgn q . (dz x k_s)
-    = sgn k_s . (q x dz)."""
-    if FORM == 0:
-        return x * y
-    else:
-        if FORM > 0:
-            c = x_nx * y_pv - x_pv * y_nx
-        else:
-            c = y_nx * x_pv - y_pv * x_nx
-        return tl.where(in_c3, c, x * y)
+    ``s = -1 if neg_z else 1`` (:func:`z_scaling`), i.e. on the chunk dims (``nx``, ``pv`` of
+    :func:`chunk_columns`) ``a = s sgn k_s[nx]``, ``c = s sgn k_s[pv]``, ``b = q[pv]``, ``e = q[nx]``
+    (``sgn (k_s x q)_d = sgn (k_s[nx] q[pv] - k_s[pv] q[nx])``), and on the leftover dims
+    ``a = s k_s``, ``b = q``, ``c = e = 0``. Every entry is one of the inputs' (permuted, maybe
+    negated) or 0, so z rounds exactly as when it is formed from the inputs themselves."""
+    D = q.shape[-1]
+    c3 = 3 * (D // 3)
+    nx, pv = rotation_index(D, 1, q.device), rotation_index(D, 2, q.device)
+    s = -1.0 if neg_z else 1.0
+    a = torch.cat([ks[..., nx] * (s * form_id), ks[..., c3:] * s], -1)
+    c = torch.cat([ks[..., pv] * (s * form_id), torch.zeros_like(ks[..., c3:])], -1)
+    b = torch.cat([q[..., pv], q[..., c3:]], -1)
+    e = torch.cat([q[..., nx], torch.zeros_like(q[..., c3:])], -1)
+    return torch.cat([b, e], -1), torch.cat([a, c], -1)
 
 
 def pack_rows(bm: int, gqa: int, ws: int) -> tuple[int, int, int]:

@@ -64,8 +64,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import (chunk_columns, form_code, form_product, kernel, load_permuted, max_combine, pack_rows, padded,
-                     pow2, strides, sum_combine, z_scaling)
+from .common import (form_code, kernel, max_combine, pack_rows, padded, pow2, strides, sum_combine, z_operands,
+                     z_scaling)
 
 
 @triton.jit
@@ -148,7 +148,6 @@ def _two_simplicial_fwd_kernel(
     ee = tl.arange(0, DV_PAD)
     dmask = dd < D
     emask = ee < DV
-    nx, pv, in_c3 = chunk_columns(dd, D)             # the determinant form's permuted columns
 
     q_row_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :]
     ks_base = KS + b * sks[0] + hk * sks[2]
@@ -202,22 +201,25 @@ def _two_simplicial_fwd_kernel(
         q_rows = tl.load(q_row_ptr, mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         ks_rows = tl.load(ks_base + l[:, None] * sks[1] + dd[None, :],
                           mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if FORM != 0:            # Q, KS hold the determinant form's operands [b, e], [a, c] (z_operands)
+            q_e = tl.load(q_row_ptr + D, mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            ks_c = tl.load(ks_base + l[:, None] * sks[1] + D + dd[None, :],
+                           mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         vs_row_ptr = vs_base + l[:, None] * svs[1] + ee[None, :]
         if PREFETCH_VS:
             # issued with q and k_s, so that the tile waits for one memory latency before its first
             # key block, not two (v_s goes to the MMA layout before the loop); held until the merge
             vs_rows = tl.load(vs_row_ptr, mask=rvalid[:, None] & emask[None, :], other=0.0).to(tl.float32)
-        q_nx, q_pv, ks_nx, ks_pv = q_rows, q_rows, ks_rows, ks_rows
-        if FORM != 0:                                # the determinant form: q, k_s at permuted columns too
-            rdm = rvalid[:, None] & dmask[None, :]
-            q_nx, q_pv = load_permuted(q_row_ptr, (nx - dd)[None, :], (pv - dd)[None, :], rdm, "")
-            ks_nx, ks_pv = load_permuted(ks_base + l[:, None] * sks[1], nx[None, :], pv[None, :], rdm, "")
-        # (1): virtual query z = q * k_s (the determinant form: sgn * (k_s x q) per 3-chunk), one
-        # rounding to the input dtype (a packed 16-bit multiply); a negative scale is carried as
-        # -z, so qk_scale = |scale| log2(e) > 0 (see z_scaling)
-        if NEG_Z:
-            ks_rows, ks_nx, ks_pv = -ks_rows, -ks_nx, -ks_pv
-        z = form_product(ks_rows, q_rows, ks_nx, ks_pv, q_nx, q_pv, in_c3[None, :], FORM).to(KB.dtype.element_ty)
+        # (1): virtual query z = q * k_s, one rounding to the input dtype (a packed 16-bit
+        # multiply); a negative scale is carried as -z, so qk_scale = |scale| log2(e) > 0 (see
+        # z_scaling). The determinant form: z = a * b - c * e = sgn * (k_s x q) per 3-chunk, its
+        # signs already in a, c (common.z_operands)
+        if FORM == 0:
+            if NEG_Z:
+                ks_rows = -ks_rows
+            z = (ks_rows * q_rows).to(KB.dtype.element_ty)
+        else:
+            z = (ks_rows * q_rows - ks_c * q_e).to(KB.dtype.element_ty)
         if EDGE_DOT:
             # s_e[r] = <z_r, k_b[i0 + 1]> (same rounded z) by a [BM, 16] tensor-core product
             # (16 equal columns), not a row reduction of z * k_b[i0 + 1]: shorter before the first
@@ -445,6 +447,9 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, config: d
     descs = [_kv_desc(t, n) for n in (BN, BN2) for t in (kb, vb)] if cfg["tma"] else [None]
     use_tma = all(d is not None for d in descs)
     neg_z, qk_scale = z_scaling(scale)
+    form_id = form_code(form, plan.swap)
+    if form_id:                 # the kernel reads z's operands in place of q, k_s (common.z_operands)
+        q, ks = z_operands(q, ks, form_id, neg_z)
     kernel(_two_simplicial_fwd_kernel, q.device)[grid](
         q, ks, vs, kb, vb, *(descs if use_tma else (kb, vb, kb, vb)), out, lse, *counts,
         strides(q), strides(ks), strides(vs), strides(kb), strides(vb), strides(out), (lse.stride(0), lse.stride(1)),
@@ -452,7 +457,7 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, config: d
         D=D, DV=Dv, D_PAD=padded(D), DV_PAD=padded(Dv), BN=BN, BN2=BN2, BI=BI, BH=BH, BT=BT,
         PRECISION=plan.precision, ONE_CHUNK=ws <= BT, PREFETCH_VS=bool(cfg["prefetch_vs"]),
         INT64_IDX=bool(cfg["int64_idx"]) or max(t.stride(1) * S for t in (q, ks, vs, kb, vb, out)) >= 2 ** 31,
-        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, FORM=form_code(form, plan.swap),
+        USE_TMA=use_tma, EDGE_DOT=BI == 2 and bool(cfg["edge_dot"]), NEG_Z=neg_z, FORM=form_id,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
