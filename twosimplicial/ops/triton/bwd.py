@@ -105,9 +105,9 @@ def _delta(DO, O, LSE, DELTA, LSE_B, sdo, so, S, HQ,
 @triton.jit
 def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dmask, emask, NEG_Z: tl.constexpr,
                 FORM: tl.constexpr, D: tl.constexpr):
-    """A rows-kernel tile's per-row inputs: z = q_i * k_s[l] (the FORM's product,
-    common.form_product; -z if NEG_Z; logits in log2 units are qk_scale * <z, k_b>,
-    common.z_scaling), dO' = dO_i * v_s[l] (both rounded once to the input dtype: packed 16-bit
+    """A rows-kernel tile's per-row inputs: z = q_i * k_s[l] (-z if NEG_Z; the determinant form:
+    a * b - c * e from its operands, which Q and KS then hold, common.z_operands; logits in log2
+    units are qk_scale * <z, k_b>, common.z_scaling), dO' = dO_i * v_s[l] (both rounded once to the input dtype: packed 16-bit
     multiplies), Lse_i * log2(e) and Delta_i.
     Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
     Q, KS, VS, DO, LSE, DELTA = ROW_IN
@@ -160,7 +160,8 @@ def _keys_inputs(ROW_IN, ROW_STRIDES, b, hk, h0, i0, t0, S, HQ, GQA, WS, dd, ee,
     """The keys kernel's tile inputs (rows r = (p, hh, tt), offset fastest) from compact loads:
     q, dO once per (position, head) ``[BI, BH, D]``, k_s, v_s once per (position, offset)
     ``[BI, BT, D]``, broadcast into z = q * k_s and dO' = dO * v_s ``[BI * BH * BT, D]`` (rounded
-    once to the input dtype, as in the forward). Loading every row's q, k_s, dO, v_s instead
+    once to the input dtype, as in the forward; the determinant form: z = a * b - c * e from its
+    operands, common.z_operands). Loading every row's q, k_s, dO, v_s instead
     would read each q, dO row BT times and each k_s, v_s row BH times; the compact loads also
     need smaller staging buffers, which leaves room for a third pipeline stage (docs/kernels.md).
     Lse and Delta per (position, head). Rows of offsets that do not exist (l < 0, t >= ws) get

@@ -19,8 +19,10 @@ Vocabulary (both kernels; docs/kernels.md, Virtual rows and the tile)::
     NEG_Z           the scale is negative: z = -(q * k_s) (:func:`z_scaling`)
     FORM            the form the kernels compute (:func:`form_code`): 0 trilinear, z = q * k_s;
                     +1 / -1 the determinant form at head dim D, z = sgn * (k_s x q) per 3-chunk
-                    (docs/kernels.md, The determinant form at head dim D); nx, pv the column of
-                    the next and the previous dim inside each chunk (:func:`chunk_columns`)
+                    (docs/kernels.md, The determinant form at head dim D), built from z's
+                    operands (:func:`z_operands`), which Q and KS then hold: rows of 2 D values;
+                    nx, pv the column of the next and the previous dim inside each chunk
+                    (:func:`chunk_columns`)
     Q, KS, VS, KB, VB, O, LSE, DO, ...  tensors (pointers), in the roles of the plan;
     sq, sks, svs, skb, svb, so, sdo, ... their (batch, seq, head) strides, one tuple each
                     (:func:`strides`), indexed [0], [1], [2]
