@@ -89,3 +89,23 @@ def test_native_determinant_is_the_transform_on_the_kernels(native, monkeypatch)
 def test_native_determinant_matches_the_reference_gpu(native, dtype, tol, case):
     B, S, Hq, Hkv, D, Dv, w1, w2 = case
     _check("cuda", dtype, B, S, Hq, Hkv, D, Dv, w1, w2, 1 / math.sqrt(D), tol)
+
+
+@pytest.mark.parametrize("D", [2, 3, 8, 9])                        # no chunk, no leftover, two leftover dims
+@pytest.mark.parametrize("form_id", [1, -1])
+@pytest.mark.parametrize("neg_z", [False, True])
+def test_z_operands_make_the_cross_product(D, form_id, neg_z):
+    """``common.z_operands``: a * b - c * e is s sgn (k_s x q) per 3-chunk and s k_s q on the
+    leftover dims (s = -1 for a negative scale), against torch.linalg.cross in float64."""
+    from twosimplicial.ops.triton.common import z_operands
+    gen = torch.Generator().manual_seed(D)
+    q, ks = (torch.randn(2, 5, 3, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    qz, ksz = z_operands(q, ks, form_id, neg_z)
+    assert qz.shape == ksz.shape == (2, 5, 3, 2 * D)
+    b, e = qz[..., :D], qz[..., D:]
+    a, c = ksz[..., :D], ksz[..., D:]
+    z = a * b - c * e
+    c3, s = 3 * (D // 3), -1.0 if neg_z else 1.0
+    cross = torch.linalg.cross(ks[..., :c3].unflatten(-1, (-1, 3)), q[..., :c3].unflatten(-1, (-1, 3)), dim=-1)
+    want = torch.cat([s * form_id * cross.flatten(-2), s * ks[..., c3:] * q[..., c3:]], -1)
+    torch.testing.assert_close(z, want, rtol=1e-12, atol=1e-12)
