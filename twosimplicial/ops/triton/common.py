@@ -95,22 +95,28 @@ def z_operands(q, ks, form_id: int, neg_z: bool):
     once per call so that the kernels build ``z`` from contiguous rows, as for the trilinear form:
     ``qz [.., 2 D] = [b, e]`` from ``q`` and ``ksz [.., 2 D] = [a, c]`` from ``k_s`` with
 
-        z = a * b - c * e = s * (k_s x q) per 3-chunk, s * (k_s * q) on the leftover dims,
+        z = a * b - c * e = s sgn (k_s x q) per 3-chunk, s (k_s * q) on the leftover dims,
 
-    ``s = -1 if neg_z else 1`` (:func:`z_scaling`), i.e. on the chunk dims (``nx``, ``pv`` of
-    :func:`chunk_columns`) ``a = s sgn k_s[nx]``, ``c = s sgn k_s[pv]``, ``b = q[pv]``, ``e = q[nx]``
-    (``sgn (k_s x q)_d = sgn (k_s[nx] q[pv] - k_s[pv] q[nx])``), and on the leftover dims
-    ``a = s k_s``, ``b = q``, ``c = e = 0``. Every entry is one of the inputs' (permuted, maybe
-    negated) or 0, so z rounds exactly as when it is formed from the inputs themselves."""
+    ``s = -1 if neg_z else 1`` (:func:`z_scaling`), i.e. on the chunk dims (``nx``, ``pv``: the
+    next and the previous dim inside each chunk, :func:`~twosimplicial.ops.determinant.rotation_index`
+    on the host, :func:`chunk_columns` in the kernels) ``a = s sgn k_s[nx]``, ``c = s sgn k_s[pv]``,
+    ``b = q[pv]``, ``e = q[nx]`` (``sgn (k_s x q)_d = sgn (k_s[nx] q[pv] - k_s[pv] q[nx])``), and
+    on the leftover dims ``a = s k_s``, ``b = q``, ``c = e = 0``. Every entry is one of the inputs'
+    (permuted, maybe negated) or 0, so z rounds exactly as when it is formed from the inputs
+    themselves."""
     D = q.shape[-1]
     c3 = 3 * (D // 3)
     nx, pv = rotation_index(D, 1, q.device), rotation_index(D, 2, q.device)
     s = -1.0 if neg_z else 1.0
-    a = torch.cat([ks[..., nx] * (s * form_id), ks[..., c3:] * s], -1)
-    c = torch.cat([ks[..., pv] * (s * form_id), torch.zeros_like(ks[..., c3:])], -1)
-    b = torch.cat([q[..., pv], q[..., c3:]], -1)
-    e = torch.cat([q[..., nx], torch.zeros_like(q[..., c3:])], -1)
-    return torch.cat([b, e], -1), torch.cat([a, c], -1)
+    qz = q.new_zeros(*q.shape[:-1], 2 * D)
+    qz[..., :c3] = q[..., pv]
+    qz[..., c3:D] = q[..., c3:]
+    qz[..., D:D + c3] = q[..., nx]
+    ksz = ks.new_zeros(*ks.shape[:-1], 2 * D)
+    ksz[..., :c3] = ks[..., nx] * (s * form_id)
+    ksz[..., c3:D] = ks[..., c3:] * s
+    ksz[..., D:D + c3] = ks[..., pv] * (s * form_id)
+    return qz, ksz
 
 
 def pack_rows(bm: int, gqa: int, ws: int) -> tuple[int, int, int]:
