@@ -107,8 +107,8 @@ def _row_inputs(ROW_IN, ROW_STRIDES, b, hk, ii, hq, l, rvalid, S, HQ, dd, ee, dm
                 FORM: tl.constexpr, D: tl.constexpr):
     """A rows-kernel tile's per-row inputs: z = q_i * k_s[l] (-z if NEG_Z; the determinant form:
     a * b - c * e from its operands, which Q and KS then hold, common.z_operands; logits in log2
-    units are qk_scale * <z, k_b>, common.z_scaling), dO' = dO_i * v_s[l] (both rounded once to the input dtype: packed 16-bit
-    multiplies), Lse_i * log2(e) and Delta_i.
+    units are qk_scale * <z, k_b>, common.z_scaling), dO' = dO_i * v_s[l] (both rounded once to
+    the input dtype: packed 16-bit multiplies), Lse_i * log2(e) and Delta_i.
     Rows outside the problem get q = dO = 0 and lse = inf, so P = dS = 0 there."""
     Q, KS, VS, DO, LSE, DELTA = ROW_IN
     sq, sks, svs, sdo = ROW_STRIDES
@@ -503,8 +503,8 @@ def _bwd_rows(
                 zb = tl.load(q_ptr, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 ze = tl.load(q_ptr + D, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 sgn: tl.constexpr = 1.0 if FORM > 0 else -1.0
-                _slice_add(pk, slot, smask, dd, onehot,
-                           tl.where(in_c3[None, :], sgn * (ze * dz_pv - zb * dz_nx), zb * dz), D_PAD, ONEHOT_BF16, SPLIT)
+                dks_t = tl.where(in_c3[None, :], sgn * (ze * dz_pv - zb * dz_nx), zb * dz)
+                _slice_add(pk, slot, smask, dd, onehot, dks_t, D_PAD, ONEHOT_BF16, SPLIT)
                 za = tl.load(ks_ptr, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 zc = tl.load(ks_ptr + D, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
                 s_z: tl.constexpr = -1.0 if NEG_Z else 1.0
@@ -593,13 +593,17 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
         do, out, lse, delta, lse_b, strides(do), strides(out), S, HQ, DV=DV, DV_PAD=padded(DV), BS=bs,
         num_warps=4)
     lse = lse_b
+    form_id = form_code(form, plan.swap)
+    dq = torch.empty_like(q)
+    if form_id:   # the determinant form: the kernels read z's operands in place of q, k_s (z_operands)
+        q, ks = z_operands(q, ks, form_id, z_scaling(scale)[0])
     key = (q.dtype, D, DV, plan.precision)
     while True:
         cfg = bwd_config(q.device, ws, plan.gqa, D, DV, q.element_size(), _SHRINK.get(key, 0))
         cfg.update(config or {})
         try:
-            dq, dkb, dvb, dks_part, dvs_part, NB = _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb,
-                                                          scale, plan.precision, cfg, form_code(form, plan.swap))
+            dkb, dvb, dks_part, dvs_part, NB = _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb,
+                                                      scale, plan.precision, cfg, form_id)
             break
         except triton.runtime.errors.OutOfResources:
             # shared memory: halve the tiles (fp32 IEEE products and wide heads need it)
@@ -612,8 +616,10 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
     return dq, dks, dvs, dkb.view_as(kb), dvb.view_as(vb)
 
 
-def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg, form_id=0):
-    B, S, HQ, D = q.shape
+def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg, form_id=0):
+    """Both backward kernels into ``dq`` (``[B, S, Hq, D]``) and new ``dkb``, ``dvb`` and partial
+    buffers; ``q``, ``ks`` are what the kernels read (z's operands for the determinant form)."""
+    B, S, HQ, D = dq.shape
     HKV, DV = ks.shape[2], vs.shape[3]
     GQA = HQ // HKV
     BI, BH, BT, BN = cfg["BI"], cfg["BH"], cfg["BT"], cfg["BN"]
@@ -621,9 +627,6 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg, fo
     LB = max(16, pow2(BI + BT - 1))
     neg_z, qk_scale = z_scaling(scale)        # the forward's rounding of z, so P is recomputed exactly
     kw = dict(D=D, DV=DV, D_PAD=D_PAD, DV_PAD=DV_PAD, PRECISION=precision, NEG_Z=neg_z, FORM=form_id)
-    dq = torch.empty_like(q)
-    if form_id:   # the determinant form: the kernels read z's operands in place of q, k_s (z_operands)
-        q, ks = z_operands(q, ks, form_id, neg_z)
     ins = (q, ks, vs, kb, vb, do, lse, delta)                       # both kernels' inputs, then
     ins_strides = tuple(strides(x) for x in (q, ks, vs, kb, vb, do))  # their outputs, strides alike
 
@@ -665,7 +668,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, ws, wb, scale, precision, cfg, fo
     finally:
         if side is not None:
             main.wait_stream(side)
-    return dq, dkb, dvb, dks_part, dvs_part, NB
+    return dkb, dvb, dks_part, dvs_part, NB
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
