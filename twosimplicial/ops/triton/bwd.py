@@ -72,8 +72,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import (chunk_columns, form_code, kernel, max_combine, pack_rows, padded, pow2, strides, sum_combine,
-                     z_operands, z_scaling)
+from .common import (chunk_columns, dks_from_sums, form_code, kernel, max_combine, pack_rows, padded, pow2, strides,
+                     sum_combine, z_operands, z_scaling)
 
 
 @triton.jit
@@ -253,8 +253,8 @@ def _bwd_big_keys(
 ):
     """dk_b, dv_b for keys [j0, j0 + BN) of one (batch, kv head): every virtual row that sees
     them (positions j0 <= i < j0 + BN - 1 + wb, all heads of the group, all offsets)."""
-    pid_j = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    pid_j = tl.program_id(1)     # key blocks the slow axis: blocks near the sequence end (fewer rows) run last
+    pid_bg = tl.program_id(0)
     b = pid_bg // HKV
     hk = pid_bg % HKV
     j0 = pid_j * BN
@@ -355,13 +355,13 @@ def _onehot_sum(acc, onehot, x, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _slice_add(PART, slot, smask, xx, onehot, x, X_PAD: tl.constexpr, ONEHOT_BF16: tl.constexpr,
+def _slice_add(PART, slot, smask, xx, onehot, x, X_PAD: tl.constexpr, ROW: tl.constexpr, ONEHOT_BF16: tl.constexpr,
                SPLIT: tl.constexpr):
-    """A tile's skewed sum ``onehot @ x`` added into the program's slice of a partial buffer
-    (rows ``slot`` of ``X_PAD`` values, where ``smask``)."""
+    """A tile's skewed sum ``onehot @ x`` (``X_PAD`` columns) added into the program's slice of a
+    partial buffer (rows ``slot`` of ``ROW`` values from PART, where ``smask``)."""
     part = _onehot_sum(tl.full([onehot.shape[0], X_PAD], 0.0, tl.float32), onehot, x, ONEHOT_BF16, SPLIT)
-    old = tl.load(PART + slot[:, None] * X_PAD + xx[None, :], mask=smask[:, None], other=0.0)
-    tl.store(PART + slot[:, None] * X_PAD + xx[None, :], old + part, mask=smask[:, None])
+    old = tl.load(PART + slot[:, None] * ROW + xx[None, :], mask=smask[:, None], other=0.0)
+    tl.store(PART + slot[:, None] * ROW + xx[None, :], old + part, mask=smask[:, None])
 
 
 @triton.jit
@@ -375,8 +375,8 @@ def _bwd_rows(
     NEG_Z: tl.constexpr, FORM: tl.constexpr,
 ):
     """dq for positions [I0, I0 + NB) and heads of one head block; dk_s, dv_s partial sums."""
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_p = NP - 1 - tl.program_id(1)    # positions the slow axis, the last (longest windows) first
+    pid_bh = tl.program_id(0)
     b = pid_bh // (HKV * NHB)
     hb = pid_bh % (HKV * NHB)
     hk = hb // NHB                          # kv head
@@ -404,13 +404,16 @@ def _bwd_rows(
     lloc = tl.arange(0, LB)
     LSLOT = NB + WS - 1                    # slice: small keys l in [I0 - ws + 1, I0 + NB)
     part = (((b * HKV * NHB + hb) * NP + pid_p) * LSLOT).to(tl.int64)
-    pk = DKS_PART + part * D_PAD
+    DKS_ROW: tl.constexpr = D_PAD if FORM == 0 else 2 * D_PAD   # the determinant form: X, Y (below)
+    pk = DKS_PART + part * DKS_ROW
     pv = DVS_PART + part * DV_PAD
 
     i_end = tl.minimum(I0 + NB, S)
     for i0 in range(I0, i_end, BI):
         ii = i0 + pp
         dq = tl.full([NQ_PAD, D_PAD], 0.0, tl.float32)
+        if FORM != 0:
+            dq_v = tl.full([NQ_PAD, D_PAD], 0.0, tl.float32)
         j_lo = tl.maximum(i0 - WB + 1, 0)
         j_hi = tl.minimum(i0 + BI, S)
         for t0 in range(0, WS, BT):
@@ -478,11 +481,11 @@ def _bwd_rows(
             tl.debug_barrier()
             do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + hq[:, None] * sdo[2] + ee[None, :],
                          mask=rvalid[:, None] & emask[None, :], other=0.0, cache_modifier=".ca")
-            _slice_add(pv, slot, smask, ee, onehot, acc * do.to(tl.float32), DV_PAD, ONEHOT_BF16, SPLIT)
+            _slice_add(pv, slot, smask, ee, onehot, acc * do.to(tl.float32), DV_PAD, DV_PAD, ONEHOT_BF16, SPLIT)
             if FORM == 0:
                 q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :],
                             mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
-                _slice_add(pk, slot, smask, dd, onehot, dz * q.to(tl.float32), D_PAD, ONEHOT_BF16, SPLIT)
+                _slice_add(pk, slot, smask, dd, onehot, dz * q.to(tl.float32), D_PAD, D_PAD, ONEHOT_BF16, SPLIT)
                 ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :],
                              mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
                 dq = _onehot_sum(dq, onehot_q, dz * ks.to(tl.float32), ONEHOT_BF16, SPLIT)
@@ -491,25 +494,31 @@ def _bwd_rows(
                 # the plain products on the leftover dims (<z, dz> = sgn q . (dz x k_s) = sgn
                 # k_s . (q x dz)), from z's operands (Q = [b, e] = [q[pv], q[nx]], KS = [a, c] =
                 # s sgn [k_s[nx], k_s[pv]] on the chunk dims, common.z_operands; s = -1 for
-                # NEG_Z), with dz at the permuted columns by a register gather once per tile:
-                #   dk_s = sgn (e dz[pv] - b dz[nx]),  dq = s (dz[nx] c - dz[pv] a)
-                # (leftover dims: dk_s = b dz, dq = s dz a)
-                c_nx, c_pv, in_c3 = chunk_columns(dd, D)
+                # NEG_Z). Per row dk_s = sgn (e dz[pv] - b dz[nx]) and dq = s (dz[nx] c - dz[pv] a);
+                # the column permutations move past the sums (pv pv = nx in a 3-cycle), so the
+                # tile sums only same-column products:
+                #   X = sum b dz, Y = sum e dz  -> dk_s = sgn (X[pv] - Y[nx])   (on the host)
+                #   U = sum dz a, V = sum dz c  -> dq   = s (U[nx] - V[pv])     (once per tile of
+                #                                                              positions, below)
+                # (leftover dims: dk_s = X, dq = s U; Y = V = 0 there)
                 q_ptr = Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :]
                 ks_ptr = KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :]
                 rdm = rvalid[:, None] & dmask[None, :]
-                dz_nx = tl.gather(dz, tl.broadcast_to(c_nx[None, :], [BM, D_PAD]), 1)
-                dz_pv = tl.gather(dz, tl.broadcast_to(c_pv[None, :], [BM, D_PAD]), 1)
                 zb = tl.load(q_ptr, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                _slice_add(pk, slot, smask, dd, onehot, zb * dz, D_PAD, DKS_ROW, ONEHOT_BF16, SPLIT)
                 ze = tl.load(q_ptr + D, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
-                sgn: tl.constexpr = 1.0 if FORM > 0 else -1.0
-                dks_t = tl.where(in_c3[None, :], sgn * (ze * dz_pv - zb * dz_nx), zb * dz)
-                _slice_add(pk, slot, smask, dd, onehot, dks_t, D_PAD, ONEHOT_BF16, SPLIT)
+                _slice_add(pk + D_PAD, slot, smask, dd, onehot, ze * dz, D_PAD, DKS_ROW, ONEHOT_BF16, SPLIT)
                 za = tl.load(ks_ptr, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
+                dq = _onehot_sum(dq, onehot_q, dz * za, ONEHOT_BF16, SPLIT)
                 zc = tl.load(ks_ptr + D, mask=rdm, other=0.0, cache_modifier=".ca").to(tl.float32)
-                s_z: tl.constexpr = -1.0 if NEG_Z else 1.0
-                dq = _onehot_sum(dq, onehot_q, s_z * tl.where(in_c3[None, :], dz_nx * zc - dz_pv * za, dz * za),
-                                 ONEHOT_BF16, SPLIT)
+                dq_v = _onehot_sum(dq_v, onehot_q, dz * zc, ONEHOT_BF16, SPLIT)
+        if FORM != 0:
+            # dq = s (U[nx] - V[pv]) on the chunk dims, s U on the leftover ones (dq holds U)
+            c_nx, c_pv, in_c3 = chunk_columns(dd, D)
+            s_z: tl.constexpr = -1.0 if NEG_Z else 1.0
+            u_nx = tl.gather(dq, tl.broadcast_to(c_nx[None, :], [NQ_PAD, D_PAD]), 1)
+            v_pv = tl.gather(dq_v, tl.broadcast_to(c_pv[None, :], [NQ_PAD, D_PAD]), 1)
+            dq = s_z * tl.where(in_c3[None, :], u_nx - v_pv, dq)
         iq = i0 + rq // BH
         tl.store(DQ + b * sdq[0] + iq[:, None] * sdq[1] + hq_q[:, None] * sdq[2] + dd[None, :],
                  dq.to(DQ.dtype.element_ty), mask=(hvalid_q & (iq < S))[:, None] & dmask[None, :])
@@ -611,7 +620,10 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
                 raise
             _SHRINK[key] = _SHRINK.get(key, 0) + 1
 
-    dks = _gather_slices(dks_part, NB, ws, S)[..., :D].to(ks.dtype)
+    dks = _gather_slices(dks_part, NB, ws, S)
+    if form_id:
+        dks = dks_from_sums(dks[..., :D], dks[..., padded(D):padded(D) + D], form_id)
+    dks = dks[..., :D].to(ks.dtype)
     dvs = _gather_slices(dvs_part, NB, ws, S)[..., :DV].to(vs.dtype)
     return dq, dks, dvs, dkb.view_as(kb), dvb.view_as(vb)
 
@@ -638,7 +650,9 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
     LSLOT = NB + ws - 1
     dkb = torch.empty_like(kb)
     dvb = torch.empty_like(vb)
-    dks_part = torch.zeros(B, HKV, NHB, NP, LSLOT, D_PAD, device=q.device, dtype=torch.float32)
+    # the determinant form's rows carry two sums per column (X, Y: _bwd_rows), combined by canonical_bwd
+    dks_part = torch.zeros(B, HKV, NHB, NP, LSLOT, 2 * D_PAD if form_id else D_PAD, device=q.device,
+                           dtype=torch.float32)
     dvs_part = torch.zeros(B, HKV, NHB, NP, LSLOT, DV_PAD, device=q.device, dtype=torch.float32)
     on_gpu = q.device.type == "cuda"
 
@@ -648,8 +662,8 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
     # programs (GQA-64: 128 programs, about one per SM) running them together was slower, so
     # they run in turn (docs/kernels.md, Two streams).
     # The caller's stream waits for the side stream before this returns.
-    keys_grid = (triton.cdiv(S, cfg["KBN"]), B * HKV)
-    concurrent = on_gpu and cfg.get("concurrent", keys_grid[0] * keys_grid[1] >= 2 * _sm_count(q.device))
+    keys_grid = (B * HKV, triton.cdiv(S, cfg["KBN"]))
+    concurrent = on_gpu and cfg.get("concurrent", 2 * keys_grid[0] * keys_grid[1] >= 3 * _sm_count(q.device))
     main = torch.cuda.current_stream(q.device) if concurrent else None
     side = _side_stream(q.device) if concurrent else None
     if side is not None:
@@ -660,7 +674,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
                 *ins, dkb, dvb, *ins_strides, strides(dkb), strides(dvb),
                 S, HQ, HKV, GQA, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
                 BN=cfg["KBN"], num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
-        kernel(_bwd_rows, q.device)[(NP, B * HKV * NHB)](
+        kernel(_bwd_rows, q.device)[(B * HKV * NHB, NP)](
             *ins, dq, dks_part, dvs_part, *ins_strides, strides(dq),
             S, HQ, HKV, GQA, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
             NQ_PAD=padded(BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,

@@ -119,6 +119,19 @@ def z_operands(q, ks, form_id: int, neg_z: bool):
     return qz, ksz
 
 
+def dks_from_sums(x, y, form_id: int):
+    """The determinant form's small-window key gradient from the backward's two column sums
+    ``x = sum b dz``, ``y = sum e dz`` over the rows of each small key (z's operands b, e of
+    :func:`z_operands`): ``sgn (x[pv] - y[nx])`` on the chunk dims (the per-row ``sgn (e dz[pv]
+    - b dz[nx])`` with the permutations moved past the sum, as ``pv pv = nx`` inside a chunk), ``x``
+    on the leftover dims."""
+    D = x.shape[-1]
+    c3 = 3 * (D // 3)
+    out = x.clone()
+    out[..., :c3] = (x[..., rotation_index(D, 2, x.device)] - y[..., rotation_index(D, 1, x.device)]) * form_id
+    return out
+
+
 def pack_rows(bm: int, gqa: int, ws: int) -> tuple[int, int, int]:
     """Split a tile of ``bm`` rows into ``(BI, BH, BT)``: BT (offsets) takes as much of the small
     window as fits, then BH query heads of the kv group, then BI positions."""
