@@ -22,7 +22,10 @@ This is a flash-attention backward over virtual rows, whose per-row terms reduce
 (sums over the query heads of a kv group included, for GQA/MQA).
 
 Two kernels, each the only writer of what it owns, so the result is deterministic (no atomics);
-on the GPU they run concurrently when the keys kernel has many programs (``_launch``):
+on the GPU they run concurrently when the keys kernel has many programs (``_launch``). Both
+launch their longest programs first: the block of keys or positions is the grid's slow axis,
+the keys kernel's first blocks (rows up to wb past them) and the rows kernel's last positions
+(full windows) come first, so the short programs near a sequence's ends fill the last wave:
 
 - ``_bwd_big_keys``: one program per (block of BN big-window keys, batch, kv head); it walks every
   virtual row that sees its keys (all query heads of the group, all offsets) and keeps dk_b, dv_b
@@ -656,11 +659,11 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
     dvs_part = torch.zeros(B, HKV, NHB, NP, LSLOT, DV_PAD, device=q.device, dtype=torch.float32)
     on_gpu = q.device.type == "cuda"
 
-    # The two kernels share no outputs. When the keys kernel has many programs (two or more
+    # The two kernels share no outputs. When the keys kernel has many programs (1.5 or more
     # per SM), it runs on a side stream of high priority, launched first, and the rows
-    # kernel's programs fill the SMs its last wave leaves idle (faster on MHA). With few long
-    # programs (GQA-64: 128 programs, about one per SM) running them together was slower, so
-    # they run in turn (docs/kernels.md, Two streams).
+    # kernel's programs fill the SMs its last wave leaves idle (faster on MHA and at B16 S1024
+    # H2: 256 programs). With few long programs (GQA-64: 128 programs, about one per SM)
+    # running them together was slower, so they run in turn (docs/kernels.md, Two streams).
     # The caller's stream waits for the side stream before this returns.
     keys_grid = (B * HKV, triton.cdiv(S, cfg["KBN"]))
     concurrent = on_gpu and cfg.get("concurrent", 2 * keys_grid[0] * keys_grid[1] >= 3 * _sm_count(q.device))
