@@ -109,3 +109,23 @@ def test_z_operands_make_the_cross_product(D, form_id, neg_z):
     cross = torch.linalg.cross(ks[..., :c3].unflatten(-1, (-1, 3)), q[..., :c3].unflatten(-1, (-1, 3)), dim=-1)
     want = torch.cat([s * form_id * cross.flatten(-2), s * ks[..., c3:] * q[..., c3:]], -1)
     torch.testing.assert_close(z, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [3, 8, 16])
+@pytest.mark.parametrize("form_id,neg_z", [(1, False), (-1, False), (1, True), (-1, True)])
+def test_z_operands_are_the_inputs_permuted(D, form_id, neg_z, dtype):
+    """Every entry of z's operands is an input's, moved and maybe negated, or 0, bit for bit, also
+    from strided inputs (a [B, H, S, D] tensor seen as [B, S, H, D]) and with S = H = 1."""
+    from twosimplicial.ops.determinant import rotation_index
+    from twosimplicial.ops.triton.common import z_operands
+    gen = torch.Generator().manual_seed(D + form_id)
+    for B, S, H in ((2, 7, 3), (1, 1, 1)):
+        q = torch.randn(B, H, S, D, generator=gen).to(dtype).transpose(1, 2)
+        ks = torch.randn(B, S, H, D, generator=gen).to(dtype)
+        qz, ksz = z_operands(q, ks, form_id, neg_z)
+        c3, nx, pv = 3 * (D // 3), rotation_index(D, 1, "cpu"), rotation_index(D, 2, "cpu")
+        zero = torch.zeros_like(q[..., c3:])
+        sc, sl = (-1 if neg_z else 1) * form_id, -1 if neg_z else 1
+        assert torch.equal(qz, torch.cat([q[..., pv], q[..., c3:], q[..., nx], zero], -1))
+        assert torch.equal(ksz, torch.cat([sc * ks[..., nx], sl * ks[..., c3:], sc * ks[..., pv], zero], -1))

@@ -90,6 +90,40 @@ def chunk_columns(dd, D: tl.constexpr):
     return tl.where(in_c3, dd - m + (m + 1) % 3, dd), tl.where(in_c3, dd - m + (m + 2) % 3, dd), in_c3
 
 
+@triton.jit
+def _negated(x):
+    """-x, exactly: 16-bit floats by way of fp32 (the interpreter negates bf16 wrongly)."""
+    if x.dtype == tl.float64:
+        return -x
+    return (-x.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _z_operand_rows(X, XZ, sx, S, H, n_rows, FIRST_NX: tl.constexpr, NEG_CHUNK: tl.constexpr, NEG_LEFT: tl.constexpr,
+                    D: tl.constexpr, D_PAD: tl.constexpr, BR: tl.constexpr):
+    """BR rows of one operand tensor ``XZ [.., 2 D]`` (contiguous) from ``X [B, S, H, D]`` (strides
+    ``sx``, last 1), see :func:`z_operands`: on the chunk dims the first half is ``x[nx]``
+    (FIRST_NX) or ``x[pv]``, the second the other permutation, both negated if NEG_CHUNK; on the
+    leftover dims ``x`` (negated if NEG_LEFT) and 0. Copies and negations only: exact in any dtype."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    dd = tl.arange(0, D_PAD)
+    c_nx, c_pv, in_c3 = chunk_columns(dd, D)
+    row = (r // (S * H)).to(tl.int64) * sx[0] + ((r // H) % S).to(tl.int64) * sx[1] + (r % H) * sx[2]
+    m = (r < n_rows)[:, None] & (dd < D)[None, :]
+    first = tl.load(X + row[:, None] + (c_nx if FIRST_NX else c_pv)[None, :], mask=m, other=0.0)
+    second = tl.load(X + row[:, None] + (c_pv if FIRST_NX else c_nx)[None, :], mask=m & in_c3[None, :], other=0.0)
+    if NEG_CHUNK:
+        second = _negated(second)
+    if NEG_CHUNK != NEG_LEFT:    # the sign differs between the chunk and the leftover dims
+        flip = in_c3 if NEG_CHUNK else dd >= 3 * (D // 3)
+        first = tl.where(flip[None, :], _negated(first), first)
+    elif NEG_CHUNK:
+        first = _negated(first)
+    out = XZ + r.to(tl.int64)[:, None] * (2 * D) + dd[None, :]
+    tl.store(out, first, mask=m)
+    tl.store(out + D, second, mask=m)
+
+
 def z_operands(q, ks, form_id: int, neg_z: bool):
     """The virtual query's operands for the determinant form (``form_id`` = sgn, non-zero), made
     once per call so that the kernels build ``z`` from contiguous rows, as for the trilinear form:
@@ -98,25 +132,24 @@ def z_operands(q, ks, form_id: int, neg_z: bool):
         z = a * b - c * e = s sgn (k_s x q) per 3-chunk, s (k_s * q) on the leftover dims,
 
     ``s = -1 if neg_z else 1`` (:func:`z_scaling`), i.e. on the chunk dims (``nx``, ``pv``: the
-    next and the previous dim inside each chunk, :func:`~twosimplicial.ops.determinant.rotation_index`
-    on the host, :func:`chunk_columns` in the kernels) ``a = s sgn k_s[nx]``, ``c = s sgn k_s[pv]``,
-    ``b = q[pv]``, ``e = q[nx]`` (``sgn (k_s x q)_d = sgn (k_s[nx] q[pv] - k_s[pv] q[nx])``), and
-    on the leftover dims ``a = s k_s``, ``b = q``, ``c = e = 0``. Every entry is one of the inputs'
-    (permuted, maybe negated) or 0, so z rounds exactly as when it is formed from the inputs
-    themselves."""
+    next and the previous dim inside each chunk, :func:`chunk_columns`) ``a = s sgn k_s[nx]``,
+    ``c = s sgn k_s[pv]``, ``b = q[pv]``, ``e = q[nx]`` (``sgn (k_s x q)_d = sgn (k_s[nx] q[pv] -
+    k_s[pv] q[nx])``), and on the leftover dims ``a = s k_s``, ``b = q``, ``c = e = 0``. Every
+    entry is one of the inputs' (permuted, maybe negated) or 0, so z rounds exactly as when it is
+    formed from the inputs themselves. One pass of a small kernel per tensor (``_z_operand_rows``)."""
     D = q.shape[-1]
-    c3 = 3 * (D // 3)
-    nx, pv = rotation_index(D, 1, q.device), rotation_index(D, 2, q.device)
-    s = -1.0 if neg_z else 1.0
-    qz = q.new_zeros(*q.shape[:-1], 2 * D)
-    qz[..., :c3] = q[..., pv]
-    qz[..., c3:D] = q[..., c3:]
-    qz[..., D:D + c3] = q[..., nx]
-    ksz = ks.new_zeros(*ks.shape[:-1], 2 * D)
-    ksz[..., :c3] = ks[..., nx] * (s * form_id)
-    ksz[..., c3:D] = ks[..., c3:] * s
-    ksz[..., D:D + c3] = ks[..., pv] * (s * form_id)
-    return qz, ksz
+    out = []
+    # (tensor, first half at nx, negated on the chunk dims, negated on the leftover dims)
+    for x, first_nx, neg_chunk, neg_left in ((q, False, False, False), (ks, True, neg_z != (form_id < 0), neg_z)):
+        B, S, H, _ = x.shape
+        xz = torch.empty(B, S, H, 2 * D, device=x.device, dtype=x.dtype)
+        n_rows, br = B * S * H, 32 if x.device.type == "cuda" else 16
+        if n_rows:
+            kernel(_z_operand_rows, x.device)[(triton.cdiv(n_rows, br),)](
+                x, xz, strides(x), S, H, n_rows, FIRST_NX=first_nx, NEG_CHUNK=neg_chunk, NEG_LEFT=neg_left, D=D,
+                D_PAD=padded(D), BR=br, num_warps=4)
+        out.append(xz)
+    return tuple(out)
 
 
 def dks_from_sums(x, y, form_id: int):
