@@ -136,7 +136,8 @@ def z_operands(q, ks, form_id: int, neg_z: bool):
     ``c = s sgn k_s[pv]``, ``b = q[pv]``, ``e = q[nx]`` (``sgn (k_s x q)_d = sgn (k_s[nx] q[pv] -
     k_s[pv] q[nx])``), and on the leftover dims ``a = s k_s``, ``b = q``, ``c = e = 0``. Every
     entry is one of the inputs' (permuted, maybe negated) or 0, so z rounds exactly as when it is
-    formed from the inputs themselves. One pass of a small kernel per tensor (``_z_operand_rows``)."""
+    formed from the inputs themselves. One pass of a small kernel per tensor (``_z_operand_rows``);
+    ``q``, ``ks`` must have a last stride of 1 (the forward and the backward make it so)."""
     D = q.shape[-1]
     out = []
     # (tensor, first half at nx, negated on the chunk dims, negated on the leftover dims)
