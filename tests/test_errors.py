@@ -127,6 +127,15 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
         call(good(), backend="triton")
 
 
+def test_triton_backend_rejects_bfloat16_under_the_interpreter(monkeypatch):
+    """The interpreter gets bfloat16 wrong (relative errors ~1e9 measured): refused, not computed."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ins = [t.bfloat16() for t in good()]
+    with pytest.raises(TypeError, match="backend='triton' on CPU tensors .* bfloat16"):
+        call(ins, backend="triton")
+
+
 def test_triton_backend_rejects_float64():
     ins = [t.double() for t in good()]
     with pytest.raises((TypeError, RuntimeError), match="backend='triton'"):

@@ -90,6 +90,12 @@ def _pick_backend(backend, q):
         if not op.is_available(q):
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                              f"got tensors on {q.device}")
+        if not q.is_cuda and q.dtype == torch.bfloat16:
+            # the Triton interpreter computes bfloat16 on raw bit patterns (triton-lang/triton#11584;
+            # products, negations, outputs wrong by orders of magnitude): refuse, rather
+            # than return numbers that are not the op's
+            raise TypeError("backend='triton' on CPU tensors (the Triton interpreter) supports float16 and "
+                            "float32; bfloat16 runs on backend='torch' or on CUDA tensors")
         return "triton"
     # auto: the kernels on CUDA; the interpreter is far slower than the PyTorch path on a CPU
     return "triton" if op is not None and q.is_cuda and q.dtype != torch.float64 else "torch"
