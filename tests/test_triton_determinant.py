@@ -111,21 +111,33 @@ def test_z_operands_make_the_cross_product(D, form_id, neg_z):
     torch.testing.assert_close(z, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("D", [3, 8, 16])
-@pytest.mark.parametrize("form_id,neg_z", [(1, False), (-1, False), (1, True), (-1, True)])
-def test_z_operands_are_the_inputs_permuted(D, form_id, neg_z, dtype):
+def _check_z_operands(device, dtype, D, form_id, neg_z):
     """Every entry of z's operands is an input's, moved and maybe negated, or 0, bit for bit, also
     from strided inputs (a [B, H, S, D] tensor seen as [B, S, H, D]) and with S = H = 1."""
     from twosimplicial.ops.determinant import rotation_index
     from twosimplicial.ops.triton.common import z_operands
     gen = torch.Generator().manual_seed(D + form_id)
     for B, S, H in ((2, 7, 3), (1, 1, 1)):
-        q = torch.randn(B, H, S, D, generator=gen).to(dtype).transpose(1, 2)
-        ks = torch.randn(B, S, H, D, generator=gen).to(dtype)
+        q = torch.randn(B, H, S, D, generator=gen).to(device, dtype).transpose(1, 2)
+        ks = torch.randn(B, S, H, D, generator=gen).to(device, dtype)
         qz, ksz = z_operands(q, ks, form_id, neg_z)
-        c3, nx, pv = 3 * (D // 3), rotation_index(D, 1, "cpu"), rotation_index(D, 2, "cpu")
+        c3, nx, pv = 3 * (D // 3), rotation_index(D, 1, device), rotation_index(D, 2, device)
         zero = torch.zeros_like(q[..., c3:])
         sc, sl = (-1 if neg_z else 1) * form_id, -1 if neg_z else 1
         assert torch.equal(qz, torch.cat([q[..., pv], q[..., c3:], q[..., nx], zero], -1))
         assert torch.equal(ksz, torch.cat([sc * ks[..., nx], sl * ks[..., c3:], sc * ks[..., pv], zero], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])   # bf16: the interpreter gets it wrong
+@pytest.mark.parametrize("D", [3, 8, 16])
+@pytest.mark.parametrize("form_id,neg_z", [(1, False), (-1, False), (1, True), (-1, True)])
+def test_z_operands_are_the_inputs_permuted(D, form_id, neg_z, dtype):
+    _check_z_operands("cpu", dtype, D, form_id, neg_z)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [3, 64, 128])
+@pytest.mark.parametrize("form_id,neg_z", [(1, False), (-1, False), (1, True), (-1, True)])
+def test_z_operands_are_the_inputs_permuted_gpu(D, form_id, neg_z, dtype):
+    _check_z_operands("cuda", dtype, D, form_id, neg_z)

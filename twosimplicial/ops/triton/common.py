@@ -91,14 +91,6 @@ def chunk_columns(dd, D: tl.constexpr):
 
 
 @triton.jit
-def _negated(x):
-    """-x, exactly: 16-bit floats by way of fp32 (the interpreter negates bf16 wrongly)."""
-    if x.dtype == tl.float64:
-        return -x
-    return (-x.to(tl.float32)).to(x.dtype)
-
-
-@triton.jit
 def _z_operand_rows(X, XZ, sx, S, H, n_rows, FIRST_NX: tl.constexpr, NEG_CHUNK: tl.constexpr, NEG_LEFT: tl.constexpr,
                     D: tl.constexpr, D_PAD: tl.constexpr, BR: tl.constexpr):
     """BR rows of one operand tensor ``XZ [.., 2 D]`` (contiguous) from ``X [B, S, H, D]`` (strides
@@ -113,12 +105,12 @@ def _z_operand_rows(X, XZ, sx, S, H, n_rows, FIRST_NX: tl.constexpr, NEG_CHUNK: 
     first = tl.load(X + row[:, None] + (c_nx if FIRST_NX else c_pv)[None, :], mask=m, other=0.0)
     second = tl.load(X + row[:, None] + (c_pv if FIRST_NX else c_nx)[None, :], mask=m & in_c3[None, :], other=0.0)
     if NEG_CHUNK:
-        second = _negated(second)
+        second = -second
     if NEG_CHUNK != NEG_LEFT:    # the sign differs between the chunk and the leftover dims
         flip = in_c3 if NEG_CHUNK else dd >= 3 * (D // 3)
-        first = tl.where(flip[None, :], _negated(first), first)
+        first = tl.where(flip[None, :], -first, first)
     elif NEG_CHUNK:
-        first = _negated(first)
+        first = -first
     out = XZ + r.to(tl.int64)[:, None] * (2 * D) + dd[None, :]
     tl.store(out, first, mask=m)
     tl.store(out + D, second, mask=m)
