@@ -33,3 +33,19 @@ def test_kernels_compile_for_sm90_and_hash(tmp_path):
     for case in hashes.values():
         assert set(case) == {"clean", "fwd", "delta", "keys", "rows"}
         assert all(re.fullmatch(r"[0-9a-f]{16}", h) for h in case.values())
+
+
+def test_ptxas_reports_registers_and_spills_with_config_overrides():
+    """``--ptxas`` assembles each kernel with triton's ptxas and prints its registers and spills;
+    ``--bwd-config`` reaches the backward (a different tile, different PTX)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    lines = {}
+    for cfg in ("{}", '{"BN": 16}'):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.tuning.ptx_hash", "--cases", "d48", "--ptxas",
+                            "--bwd-config", cfg], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines[cfg] = {ln.split()[1]: ln for ln in r.stdout.splitlines() if ln.startswith("d48")}
+        assert set(lines[cfg]) == {"clean", "fwd", "delta", "keys", "rows"}
+        assert all(re.search(r"regs \d+, spills \d+ / \d+ bytes", ln) for ln in lines[cfg].values()), r.stdout
+    assert lines["{}"]["fwd"] == lines['{"BN": 16}']["fwd"]
+    assert lines["{}"]["rows"].split()[2] != lines['{"BN": 16}']["rows"].split()[2]
