@@ -187,6 +187,40 @@ def test_grads_gpu_big_window_of_one(S, windows):
 
 
 @pytest.mark.gpu
+def test_grads_gpu_more_position_blocks_than_a_grid_axis_holds():
+    """S past 65535 blocks of 64 positions (the rows kernel's programs per head) and of 128 keys
+    (the keys kernel's): the backward's grids are one axis, so no CUDA grid limit of 65535 applies."""
+    gen = torch.Generator().manual_seed(12)
+    got, ref, _ = _run(1, 64 * 65536 + 5, 1, 1, 16, 16, 3, 2, torch.float32, gen, _chunked, device="cuda")
+    _assert_within(got, ref, GPU_TOL[torch.float32])
+
+
+@pytest.mark.gpu
+def test_grads_gpu_more_batch_heads_than_a_grid_axis_holds():
+    """B * Hkv and B * Hq past 65535 (forward, Delta, both backward kernels): every grid is one axis."""
+    gen = torch.Generator().manual_seed(13)
+    from twosimplicial.ops.triton.fwd import two_simplicial_fwd
+    got, ref, (do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, _) = _run(
+        33000, 3, 2, 2, 16, 16, 2, 2, torch.float32, gen, _chunked, device="cuda")
+    _assert_within(got, ref, GPU_TOL[torch.float32])
+    out_t, lse_t = two_simplicial_fwd(q, k1, v1, k2, v2, w1, w2, scale, False)
+    torch.testing.assert_close(out_t, out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse_t, lse, rtol=1e-4, atol=1e-4)
+
+
+def test_sequence_past_the_keys_grid_is_refused():
+    """The keys kernel's blocks of keys sit on a grid axis of at most 65535: a longer sequence gets
+    an error that says so (checked before anything is allocated or launched)."""
+    from twosimplicial.ops.triton.bwd import _launch, bwd_config
+    cfg = bwd_config(torch.device("cpu"), 2, 1, 1, 1, 4)
+    S = 65535 * cfg["KBN"] + 1
+    x = torch.zeros(1, S, 1, 1)
+    lse = torch.zeros(1, 1, S)
+    with pytest.raises(ValueError, match=f"at most {65535 * cfg['KBN']} positions.*got S = {S}"):
+        _launch(x, x, x, x, x, x, lse, lse, torch.zeros_like(x), 2, 2, 1.0, "ieee", cfg)
+
+
+@pytest.mark.gpu
 def test_x30_gpu():
     """fp32: finite and close. Logits here are ~1e4, so fp32 rounding alone moves each P by
     ~1e-3 relative: measured on the H100, dv 2.1e-3 and dq/dk 2.3e-2..2.6e-2 of the floor (the

@@ -23,9 +23,9 @@ This is a flash-attention backward over virtual rows, whose per-row terms reduce
 
 Two kernels, each the only writer of what it owns, so the result is deterministic (no atomics);
 on the GPU they run concurrently when the keys kernel has many programs (``_launch``). Both
-launch their longest programs first: the block of keys or positions is the grid's slow axis,
-the keys kernel's first blocks (rows up to wb past them) and the rows kernel's last positions
-(full windows) come first, so the short programs near a sequence's ends fill the last wave:
+launch their longest programs first: the block of keys or positions is the slow part of the
+grid, the keys kernel's first blocks (rows up to wb past them) and the rows kernel's last
+positions (full windows) first, so the short programs near a sequence's ends fill the last wave:
 
 - ``_bwd_big_keys``: one program per (block of BN big-window keys, batch, kv head); it walks every
   virtual row that sees its keys (all query heads of the group, all offsets) and keeps dk_b, dv_b
@@ -88,8 +88,9 @@ def _delta(DO, O, LSE, DELTA, LSE_B, sdo, so, S, HQ,
     finite was marked for a non-finite value in its window, and carries no gradient: lse = inf
     gives it P = 0, so dS = 0 (the values are finite in the backward), and Delta = 0.
     (tl.reduce with common's combine function, which the interpreter can run.)"""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_s = (S + BS - 1) // BS                 # one grid axis: position blocks fastest
+    pid_s = tl.program_id(0) % n_s
+    pid_bh = tl.program_id(0) // n_s
     b = pid_bh // HQ
     h = pid_bh % HQ
     ii = pid_s * BS + tl.arange(0, BS)
@@ -378,8 +379,10 @@ def _bwd_rows(
     NEG_Z: tl.constexpr, FORM: tl.constexpr,
 ):
     """dq for positions [I0, I0 + NB) and heads of one head block; dk_s, dv_s partial sums."""
-    pid_p = NP - 1 - tl.program_id(1)    # positions the slow axis, the last (longest windows) first
-    pid_bh = tl.program_id(0)
+    # one grid axis, positions the slow part and the last (longest windows) first
+    n_bh = tl.num_programs(0) // NP
+    pid_p = NP - 1 - tl.program_id(0) // n_bh
+    pid_bh = tl.program_id(0) % n_bh
     b = pid_bh // (HKV * NHB)
     hb = pid_bh % (HKV * NHB)
     hk = hb // NHB                          # kv head
@@ -601,7 +604,7 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
     delta = torch.empty(B, HQ, S, device=q.device, dtype=torch.float32)
     lse_b = torch.empty_like(lse)
     bs = 64 if q.device.type == "cuda" else 16
-    kernel(_delta, q.device)[(triton.cdiv(S, bs), B * HQ)](
+    kernel(_delta, q.device)[(triton.cdiv(S, bs) * B * HQ,)](
         do, out, lse, delta, lse_b, strides(do), strides(out), S, HQ, DV=DV, DV_PAD=padded(DV), BS=bs,
         num_warps=4)
     lse = lse_b
@@ -636,6 +639,12 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
     buffers; ``q``, ``ks`` are what the kernels read (z's operands for the determinant form)."""
     B, S, HQ, D = dq.shape
     HKV, DV = ks.shape[2], vs.shape[3]
+    # keys kernel: key blocks on the grid's second axis (a one-axis grid's index arithmetic made
+    # this kernel, at the edge of its registers, spill), so S is bounded by CUDA's 65535 there
+    keys_grid = (B * HKV, triton.cdiv(S, cfg["KBN"]))
+    if keys_grid[1] > 65535:
+        raise ValueError(f"the Triton backward takes sequences of at most {65535 * cfg['KBN']} positions "
+                         f"(65535 blocks of {cfg['KBN']} keys), got S = {S}; use backend='torch'")
     GQA = HQ // HKV
     BI, BH, BT, BN = cfg["BI"], cfg["BH"], cfg["BT"], cfg["BN"]
     D_PAD, DV_PAD = padded(D), padded(DV)
@@ -665,7 +674,6 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
     # H2: 256 programs). With few long programs (GQA-64: 128 programs, about one per SM)
     # running them together was slower, so they run in turn (docs/kernels.md, Two streams).
     # The caller's stream waits for the side stream before this returns.
-    keys_grid = (B * HKV, triton.cdiv(S, cfg["KBN"]))
     concurrent = on_gpu and cfg.get("concurrent", 2 * keys_grid[0] * keys_grid[1] >= 3 * _sm_count(q.device))
     main = torch.cuda.current_stream(q.device) if concurrent else None
     side = _side_stream(q.device) if concurrent else None
@@ -677,7 +685,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
                 *ins, dkb, dvb, *ins_strides, strides(dkb), strides(dvb),
                 S, HQ, HKV, GQA, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
                 BN=cfg["KBN"], num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
-        kernel(_bwd_rows, q.device)[(B * HKV * NHB, NP)](
+        kernel(_bwd_rows, q.device)[(B * HKV * NHB * NP,)](
             *ins, dq, dks_part, dvs_part, *ins_strides, strides(dq),
             S, HQ, HKV, GQA, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
             NQ_PAD=padded(BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,

@@ -124,8 +124,10 @@ def _two_simplicial_fwd_kernel(
     BM: tl.constexpr = BI * BH * BT
     NQ: tl.constexpr = BI * BH                       # distinct queries (position, head) per tile
     NARROW: tl.constexpr = BI > 1 and not EDGE_DOT   # right-edge keys by narrow masked blocks
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one grid axis (no 65535 limit on B * HKV): (position block, head block) fastest, then (batch, kv head)
+    n_ph = ((S + BI - 1) // BI) * NHB
+    pid = tl.program_id(0) % n_ph
+    pid_bh = tl.program_id(0) // n_ph
     hblk = pid % NHB                                 # head block fastest: neighbours share k_b in L2
     pblk = pid // NHB
     b32 = pid_bh // HKV
@@ -441,7 +443,7 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, config: d
     cfg.update({k: v for k, v in (config or {}).items() if k in SWITCHES and v is not None})
     BI, BH, BT, BN = cfg["BI"], cfg["BH"], cfg["BT"], cfg["BN"]
     NHB = triton.cdiv(plan.gqa, BH)
-    grid = (triton.cdiv(S, BI) * NHB, B * Hkv)
+    grid = (triton.cdiv(S, BI) * NHB * B * Hkv,)
     BN2 = min(BN, max(16, pow2(BI - 1)))
     # (the narrow pair is built even when unused: the kernel body that reads it is compiled anyway)
     descs = [_kv_desc(t, n) for n in (BN, BN2) for t in (kb, vb)] if cfg["tma"] else [None]
