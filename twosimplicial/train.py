@@ -668,4 +668,7 @@ def train(cfg: dict, resume: bool = False) -> dict:
                "data_sha256": resolved["data_sha256"]}
     if d.main:
         checkpoint.write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    # every rank done with its collectives before any returns (and its caller tears the process group
+    # down): a rank that left early made another abort in gloo's teardown, once in a CI run
+    _barrier(d)
     return summary
