@@ -28,6 +28,7 @@ removed here), or the kernels would be interpreted, not compiled.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -126,14 +127,20 @@ def _hook(sink):
     return fwd.two_simplicial_fwd, bwd.two_simplicial_bwd
 
 
-def ptxas_usage(ptx: str) -> str:
-    """Registers and spill bytes of ``ptx`` for sm_90a (``ptxas -v`` of triton's own ptxas: the
-    newest one it ships, which reads the PTX versions the installed triton writes)."""
+@functools.cache
+def _ptxas() -> str:
+    """The newest ptxas triton ships (the one that reads the PTX versions the installed triton writes)."""
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
     def version(exe):
         out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
         return tuple(int(x) for x in re.search(r"release (\d+)\.(\d+)", out).groups())
-    exe = max((os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas")), key=version)
+    return max((os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas")), key=version)
+
+
+def ptxas_usage(ptx: str) -> str:
+    """Registers and spill bytes of ``ptx`` for sm_90a (``ptxas -v``, :func:`_ptxas`)."""
+    exe = _ptxas()
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:

@@ -375,7 +375,7 @@ def _bwd_rows(
     S, HQ, HKV, GQA, NHB, NP, NB, WS, WB, qk_scale, scale,
     D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, LB: tl.constexpr, NQ_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, ONEHOT_BF16: tl.constexpr, SPLIT: tl.constexpr, DKS_ROW: tl.constexpr,
     NEG_Z: tl.constexpr, FORM: tl.constexpr,
 ):
     """dq for positions [I0, I0 + NB) and heads of one head block; dk_s, dv_s partial sums."""
@@ -410,8 +410,7 @@ def _bwd_rows(
     lloc = tl.arange(0, LB)
     LSLOT = NB + WS - 1                    # slice: small keys l in [I0 - ws + 1, I0 + NB)
     part = (((b * HKV * NHB + hb) * NP + pid_p) * LSLOT).to(tl.int64)
-    DKS_ROW: tl.constexpr = D_PAD if FORM == 0 else 2 * D_PAD   # the determinant form: X, Y (below)
-    pk = DKS_PART + part * DKS_ROW
+    pk = DKS_PART + part * DKS_ROW        # DKS_ROW: 2 D_PAD for the determinant form's X, Y (below)
     pv = DVS_PART + part * DV_PAD
 
     i_end = tl.minimum(I0 + NB, S)
@@ -491,7 +490,7 @@ def _bwd_rows(
             if FORM == 0:
                 q = tl.load(Q + b * sq[0] + ii[:, None] * sq[1] + hq[:, None] * sq[2] + dd[None, :],
                             mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
-                _slice_add(pk, slot, smask, dd, onehot, dz * q.to(tl.float32), D_PAD, D_PAD, ONEHOT_BF16, SPLIT)
+                _slice_add(pk, slot, smask, dd, onehot, dz * q.to(tl.float32), D_PAD, DKS_ROW, ONEHOT_BF16, SPLIT)
                 ks = tl.load(KS + b * sks[0] + l[:, None] * sks[1] + hk * sks[2] + dd[None, :],
                              mask=rvalid[:, None] & dmask[None, :], other=0.0, cache_modifier=".ca")
                 dq = _onehot_sum(dq, onehot_q, dz * ks.to(tl.float32), ONEHOT_BF16, SPLIT)
@@ -688,7 +687,8 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
         kernel(_bwd_rows, q.device)[(B * HKV * NHB * NP,)](
             *ins, dq, dks_part, dvs_part, *ins_strides, strides(dq),
             S, HQ, HKV, GQA, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
-            NQ_PAD=padded(BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, BI=BI, BH=BH, BT=BT, BN=BN,
+            NQ_PAD=padded(BI * BH), ONEHOT_BF16=on_gpu, SPLIT=q.dtype != torch.bfloat16, DKS_ROW=dks_part.shape[-1],
+            BI=BI, BH=BH, BT=BT, BN=BN,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **kw)
     finally:
         if side is not None:

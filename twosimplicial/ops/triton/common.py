@@ -91,12 +91,12 @@ def chunk_columns(dd, D: tl.constexpr):
 
 
 @triton.jit
-def _z_operand_rows(X, XZ, sx, S, H, n_rows, FIRST_NX: tl.constexpr, NEG_CHUNK: tl.constexpr, NEG_LEFT: tl.constexpr,
-                    D: tl.constexpr, D_PAD: tl.constexpr, BR: tl.constexpr):
+def _z_operand_rows(X, XZ, sx, S, H, n_rows, FIRST_NX: tl.constexpr, SIGN_CHUNK: tl.constexpr,
+                    SIGN_LEFT: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BR: tl.constexpr):
     """BR rows of one operand tensor ``XZ [.., 2 D]`` (contiguous) from ``X [B, S, H, D]`` (strides
-    ``sx``, last 1), see :func:`z_operands`: on the chunk dims the first half is ``x[nx]``
-    (FIRST_NX) or ``x[pv]``, the second the other permutation, both negated if NEG_CHUNK; on the
-    leftover dims ``x`` (negated if NEG_LEFT) and 0. Copies and negations only: exact in any dtype."""
+    ``sx``, last 1), see :func:`z_operands`: on the chunk dims the first half is ``SIGN_CHUNK *
+    x[nx]`` (FIRST_NX) or ``* x[pv]``, the second ``SIGN_CHUNK`` times the other permutation; on
+    the leftover dims ``SIGN_LEFT * x`` and 0. The signs are +-1: copies and negations, exact."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     dd = tl.arange(0, D_PAD)
     c_nx, c_pv, in_c3 = chunk_columns(dd, D)
@@ -104,16 +104,9 @@ def _z_operand_rows(X, XZ, sx, S, H, n_rows, FIRST_NX: tl.constexpr, NEG_CHUNK: 
     m = (r < n_rows)[:, None] & (dd < D)[None, :]
     first = tl.load(X + row[:, None] + (c_nx if FIRST_NX else c_pv)[None, :], mask=m, other=0.0)
     second = tl.load(X + row[:, None] + (c_pv if FIRST_NX else c_nx)[None, :], mask=m & in_c3[None, :], other=0.0)
-    if NEG_CHUNK:
-        second = -second
-    if NEG_CHUNK != NEG_LEFT:    # the sign differs between the chunk and the leftover dims
-        flip = in_c3 if NEG_CHUNK else dd >= 3 * (D // 3)
-        first = tl.where(flip[None, :], -first, first)
-    elif NEG_CHUNK:
-        first = -first
     out = XZ + r.to(tl.int64)[:, None] * (2 * D) + dd[None, :]
-    tl.store(out, first, mask=m)
-    tl.store(out + D, second, mask=m)
+    tl.store(out, (first * tl.where(in_c3, SIGN_CHUNK, SIGN_LEFT)[None, :]).to(XZ.dtype.element_ty), mask=m)
+    tl.store(out + D, (second * SIGN_CHUNK).to(XZ.dtype.element_ty), mask=m)
 
 
 def z_operands(q, ks, form_id: int, neg_z: bool):
@@ -132,14 +125,15 @@ def z_operands(q, ks, form_id: int, neg_z: bool):
     ``q``, ``ks`` must have a last stride of 1 (the forward and the backward make it so)."""
     D = q.shape[-1]
     out = []
-    # (tensor, first half at nx, negated on the chunk dims, negated on the leftover dims)
-    for x, first_nx, neg_chunk, neg_left in ((q, False, False, False), (ks, True, neg_z != (form_id < 0), neg_z)):
+    s = -1.0 if neg_z else 1.0
+    # (tensor, first half at nx, sign on the chunk dims, sign on the leftover dims)
+    for x, first_nx, sign_chunk, sign_left in ((q, False, 1.0, 1.0), (ks, True, s * form_id, s)):
         B, S, H, _ = x.shape
         xz = torch.empty(B, S, H, 2 * D, device=x.device, dtype=x.dtype)
         n_rows, br = B * S * H, 32 if x.device.type == "cuda" else 16
         if n_rows:
             kernel(_z_operand_rows, x.device)[(triton.cdiv(n_rows, br),)](
-                x, xz, strides(x), S, H, n_rows, FIRST_NX=first_nx, NEG_CHUNK=neg_chunk, NEG_LEFT=neg_left, D=D,
+                x, xz, strides(x), S, H, n_rows, FIRST_NX=first_nx, SIGN_CHUNK=sign_chunk, SIGN_LEFT=sign_left, D=D,
                 D_PAD=padded(D), BR=br, num_warps=4)
         out.append(xz)
     return tuple(out)
