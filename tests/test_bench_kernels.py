@@ -243,3 +243,20 @@ def test_device_script_needs_before(tmp_path):
     r = subprocess.run(["bash", "benchmarks/device_kernels_bench.sh"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2 and "git archive" in r.stderr
+
+
+def test_product_rate_puts_the_backward_products_against_the_forward(capsys):
+    """benchmarks/tuning/product_rate.py: the backward's counted TFLOP/s times 8 / 5 (products run
+    over products counted) against the forward's; what the backward target needs as a multiple of
+    the forward's rate; the determinant form and untimed rows are left out."""
+    from benchmarks.tuning import product_rate as pr
+    res = {"ratio_to": "sdpa-cudnn", "device": "GPU", "rows": [
+        {"case": "mha", "impl": "twosimplicial", "fwd_tflops": 300.0, "bwd_tflops": 150.0, "target_bwd": 0.5},
+        {"case": "mha", "impl": "sdpa-cudnn", "fwd_tflops": 600.0, "bwd_tflops": 500.0},
+        {"case": "det", "impl": "twosimplicial", "fwd_tflops": 100.0, "bwd_tflops": 50.0, "target_bwd": 0.2},
+        {"case": "gqa64", "impl": "twosimplicial", "fwd_tflops": 300.0, "bwd_tflops": None}]}
+    (row,) = pr.rates(res)
+    assert row["case"] == "mha"
+    assert row["bwd_product_rate"] == pytest.approx(240.0) and row["bwd_over_fwd"] == pytest.approx(0.8)
+    assert row["target_needs_x_fwd"] == pytest.approx(0.5 * 500 * 8 / 5 / 300)
+    assert "| mha | 300 | 150 | 240 | 0.80 | 1.33 |" in pr.markdown("run.json", res, [row])
