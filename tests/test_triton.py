@@ -84,10 +84,16 @@ def test_forward_matches_reference_fp32(case, tma):
 
 
 @pytest.mark.parametrize("config", [dict(prefetch_vs=True), dict(block_m=32, block_n=16, prefetch_vs=False),
-                                    dict(int64_idx=True)], ids=["prefetch_vs", "block_m32", "int64_idx"])
+                                    dict(int64_idx=True), dict(block_t=4), dict(block_m=32, block_t=4)],
+                         ids=["prefetch_vs", "block_m32", "int64_idx", "block_t4", "block_m32_t4"])
 def test_forward_other_configs(config):
-    """Launch variants the GPU uses (v_s prefetched before the key loop, bigger tiles, 64-bit
-    position offsets for tensors past 2^31 elements per batch)."""
+    """Launch variants the GPU uses or a benchmark tries (v_s prefetched before the key loop,
+    bigger tiles, 64-bit position offsets for tensors past 2^31 elements per batch, tiles of
+    several positions that take the small window in chunks of offsets)."""
+    from twosimplicial.ops.triton.fwd import fwd_config
+    if "block_t" in config:
+        cfg = fwd_config(2, 5, 16, 16, True, **config)
+        assert cfg["BT"] == 4 and cfg["BI"] > 1      # a chunk loop over tiles of several positions
     gen = torch.Generator().manual_seed(6)
     inputs = make(1, 20, 4, 2, 16, 16, gen=gen)
     out, lse = two_simplicial_fwd(*inputs, 9, 5, 0.25, False, config=config)

@@ -63,6 +63,10 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "m128-bn32": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
     "m256": dict(block_m=256, num_warps=8, num_stages=2),
     "m256-bn32": dict(block_m=256, block_n=32, num_warps=8, num_stages=2),
+    # tiles of several positions x 16 offsets (the backward's rule for one-head tiles): fewer
+    # small keys per tile and a 16-offset merge, at the cost of the offset-chunk loop
+    "m128-t16": dict(block_m=128, block_t=16, num_warps=4, num_stages=2),
+    "m64-t16": dict(block_m=64, block_t=16, num_warps=4, num_stages=3),
     # the tile's right-edge key (P == 2) by a masked narrow block instead of a per-row dot
     "narrow": dict(edge_dot=False),
     # v_s rows loaded after the key loop instead of with q and k_s

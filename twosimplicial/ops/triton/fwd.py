@@ -350,9 +350,11 @@ SWITCHES = ("prefetch_vs", "tma", "edge_dot", "int64_idx", "maxnreg")
 
 
 def fwd_config(gqa: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int | None = None,
-               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> dict:
-    """Launch configuration: ``BI, BH, BT`` (:func:`~.common.pack_rows` of ``block_m`` rows),
-    ``BN`` (``block_n``), warps, stages, and the design switches at their defaults. The
+               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+               block_t: int | None = None) -> dict:
+    """Launch configuration: ``BI, BH, BT`` (:func:`~.common.pack_rows` of ``block_m`` rows, at
+    most ``block_t`` offsets), ``BN`` (``block_n``), warps, stages, and the design switches at
+    their defaults. The
     defaults were chosen by measurement on Hopper (docs/kernels.md, Launch configuration): 64
     rows and 4 warps (one warpgroup) beat 128 rows and 8 warps, because two such programs fit on
     an SM and overlap one's softmax with the other's matrix products. A small window wider than
@@ -368,7 +370,7 @@ def fwd_config(gqa: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int
         dflt = (128, 64, 4, 2)
     else:
         dflt = (64, 64, 4, 3)
-    BI, BH, BT = pack_rows(block_m or dflt[0], gqa, ws)
+    BI, BH, BT = pack_rows(block_m or dflt[0], gqa, min(ws, block_t or ws))
     return dict(BN=block_n or dflt[1], BI=BI, BH=BH, BT=BT, num_warps=num_warps or dflt[2],
                 num_stages=num_stages or dflt[3], prefetch_vs=not interpret and max(D, Dv) <= 128,
                 tma=not interpret, edge_dot=True, int64_idx=False, maxnreg=None)
@@ -417,7 +419,7 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     window holds a non-finite value is NaN (docs/kernels.md, Non-finite inputs). fp32 inputs use
     tf32 tensor cores only when ``allow_tf32``. ``config`` overrides the default launch
     configuration, for tuning (the knobs of :func:`fwd_config`: block_m, block_n, num_warps,
-    num_stages) and for A/B tests and tests (the :data:`SWITCHES`). The window roles come from
+    num_stages, block_t) and for A/B tests and tests (the :data:`SWITCHES`). The window roles come from
     :func:`~twosimplicial.ops.plan.make_plan`, as in the backward.
     """
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
