@@ -149,6 +149,36 @@ def _chunked(q, k1, v1, k2, v2, w1, w2, scale):
     return chunked_two_simplicial_attention(q, k1, v1, k2, v2, w1, w2, scale)
 
 
+def _banded(q, k1, v1, k2, v2, w1, w2, scale):
+    """The operation for small windows at any length: each query's w1 x w2 logits from gathered
+    key rows (rows before the sequence start masked), O(S w1 w2 D) work and memory; the dense
+    reference's math without its S x S x S tensor (test_banded_reference_is_the_naive_one)."""
+    g = q.shape[2] // k1.shape[2]
+    k1, v1, k2, v2 = (t.repeat_interleave(g, dim=2) for t in (k1, v1, k2, v2))
+    i = torch.arange(q.shape[1], device=q.device)
+    j = i[:, None] - torch.arange(w1, device=q.device)            # [S, w1] keys of the first window
+    k = i[:, None] - torch.arange(w2, device=q.device)            # [S, w2] keys of the second
+    K1, V1, K2, V2 = (t[:, idx.clamp(min=0)] for t, idx in ((k1, j), (v1, j), (k2, k), (v2, k)))   # [B, S, w, H, .]
+    logits = scale * torch.einsum("bshd,bsjhd,bskhd->bhsjk", q, K1, K2)
+    valid = (j >= 0)[:, :, None] & (k >= 0)[:, None, :]           # [S, w1, w2]
+    logits = logits.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(logits.flatten(-2), dim=-1)             # [B, H, S]
+    p = torch.exp(logits - lse[..., None, None])
+    return torch.einsum("bhsjk,bsjhe,bskhe->bshe", p, V1, V2), lse
+
+
+def test_banded_reference_is_the_naive_one():
+    """The GPU tests' reference for long sequences (_banded) against the dense one: out, lse and
+    every gradient, GQA, windows past S and either window the larger."""
+    gen = torch.Generator().manual_seed(14)
+    for B, S, Hq, Hkv, D, Dv, w1, w2 in [(2, 9, 4, 2, 8, 6, 3, 2), (1, 5, 2, 2, 4, 4, 7, 1), (1, 11, 3, 1, 4, 8, 2, 4)]:
+        xs = _inputs(B, S, Hq, Hkv, D, Dv, gen)
+        ref = _reference(_naive, *xs[:5], xs[5], w1, w2, 0.3)
+        got = _reference(_banded, *xs[:5], xs[5], w1, w2, 0.3)
+        for a, b in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 # METHOD.md bounds: bf16 operands 1e-3..1e-2, fp16 a few 1e-4..1e-3, fp32 far under 1e-3
 GPU_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 1e-4}
 
@@ -188,10 +218,11 @@ def test_grads_gpu_big_window_of_one(S, windows):
 
 @pytest.mark.gpu
 def test_grads_gpu_more_position_blocks_than_a_grid_axis_holds():
-    """S past 65535 blocks of 64 positions (the rows kernel's programs per head) and of 128 keys
-    (the keys kernel's): the backward's grids are one axis, so no CUDA grid limit of 65535 applies."""
+    """S past 65535 blocks of 64 positions (the rows kernel's programs per head): its grid is one
+    axis, so CUDA's limit of 65535 on a grid's other axes does not apply (the keys kernel's
+    32769 blocks of 128 keys sit on its second axis, under that limit)."""
     gen = torch.Generator().manual_seed(12)
-    got, ref, _ = _run(1, 64 * 65536 + 5, 1, 1, 16, 16, 3, 2, torch.float32, gen, _chunked, device="cuda")
+    got, ref, _ = _run(1, 64 * 65536 + 5, 1, 1, 16, 16, 3, 2, torch.float32, gen, _banded, device="cuda")
     _assert_within(got, ref, GPU_TOL[torch.float32])
 
 
