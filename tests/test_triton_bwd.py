@@ -293,3 +293,25 @@ def test_negative_and_zero_scale(interpret, scale):
     assert ((l.double() - lse).norm() / lse.norm()).item() < 1e-5
     got = two_simplicial_bwd(do.float(), *f32, o, l, 9, 5, scale, False)
     _assert_within(got, ref, 1e-4)
+
+
+@pytest.mark.parametrize("ws,S,cols", [(5, 29, 6), (1, 16, 16), (9, 17, 3), (2, 40, 20)])
+def test_slice_sums_add_every_partial_row_of_a_small_key(ws, S, cols):
+    """``_gather_slices``: small key l = p NB + n sums slot ws - 1 + n of program p and, for the
+    last ws - 1 keys of a block, slot n - (NB - ws + 1) of program p + 1, over every head block;
+    columns past ``cols`` are dropped and the result is cast (here against the same sums in torch,
+    on random partial rows; the gradient tests check it end to end)."""
+    from twosimplicial.ops.triton.bwd import _gather_slices
+    NB, NHB, B, HKV = 8, 3, 2, 2
+    NP = -(-S // NB)
+    part = torch.randn(B, HKV, NHB, NP, NB + ws - 1, 32, generator=torch.Generator().manual_seed(ws + S))
+    want = torch.zeros(B, HKV, NP * NB + NB, 32, dtype=torch.float64)
+    for p in range(NP):
+        for s in range(NB + ws - 1):
+            want[:, :, p * NB - (ws - 1) + s + NB] += part[:, :, :, p, s].double().sum(2)
+    want = want[:, :, NB:NB + S, :cols].transpose(1, 2)
+    for dtype in (torch.float32, torch.float16):
+        got = _gather_slices(part, NB, ws, S, cols, dtype)
+        assert got.dtype == dtype and got.shape == (B, S, HKV, cols) and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=1e-5 if dtype == torch.float32 else 1e-3,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-3)

@@ -31,7 +31,7 @@ def test_kernels_compile_for_sm90_and_hash(tmp_path):
     hashes = json.loads(out.read_text())["hashes"]
     assert set(hashes) == {"s1", "d48"}
     for case in hashes.values():
-        assert set(case) == {"clean", "fwd", "delta", "keys", "rows"}
+        assert set(case) == {"clean", "fwd", "delta", "keys", "rows", "sum_dks", "sum_dvs"}
         assert all(re.fullmatch(r"[0-9a-f]{16}", h) for h in case.values())
 
 
@@ -45,7 +45,7 @@ def test_ptxas_reports_registers_and_spills_with_config_overrides():
                             "--bwd-config", cfg], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         lines[cfg] = {ln.split()[1]: ln for ln in r.stdout.splitlines() if ln.startswith("d48")}
-        assert set(lines[cfg]) == {"clean", "fwd", "delta", "keys", "rows"}
+        assert set(lines[cfg]) == {"clean", "fwd", "delta", "keys", "rows", "sum_dks", "sum_dvs"}
         assert all(re.search(r"regs \d+, spills \d+ / \d+ bytes", ln) for ln in lines[cfg].values()), r.stdout
     assert lines["{}"]["fwd"] == lines['{"BN": 16}']["fwd"]
     assert lines["{}"]["rows"].split()[2] != lines['{"BN": 16}']["rows"].split()[2]

@@ -70,7 +70,7 @@ CASES = {
 # cases named det-* compile the kernels' native determinant form (FORM = +-1); the others the trilinear
 # the kernels of each phase, in launch order
 FWD_NAMES = ("clean", "fwd")           # fwd.clean_values, then the forward
-BWD_NAMES = ("delta", "keys", "rows")
+BWD_NAMES = ("delta", "keys", "rows", "sum_dks", "sum_dvs")
 
 
 class StandIn:

@@ -625,11 +625,12 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
                 raise
             _SHRINK[key] = _SHRINK.get(key, 0) + 1
 
-    dks = _gather_slices(dks_part, NB, ws, S)
-    if form_id:
-        dks = dks_from_sums(dks[..., :D], dks[..., padded(D):padded(D) + D], form_id)
-    dks = dks[..., :D].to(ks.dtype)
-    dvs = _gather_slices(dvs_part, NB, ws, S)[..., :DV].to(vs.dtype)
+    if form_id:       # two sums per column (X, Y), combined here
+        dks = _gather_slices(dks_part, NB, ws, S, dks_part.shape[-1], torch.float32)
+        dks = dks_from_sums(dks[..., :D], dks[..., padded(D):padded(D) + D], form_id).to(ks.dtype)
+    else:
+        dks = _gather_slices(dks_part, NB, ws, S, D, ks.dtype)
+    dvs = _gather_slices(dvs_part, NB, ws, S, DV, vs.dtype)
     return dq, dks, dvs, dkb.view_as(kb), dvb.view_as(vb)
 
 
@@ -712,14 +713,41 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _gather_slices(part, NB: int, ws: int, S: int):
-    """Sum the rows kernel's slices ``part [B, Hkv, NHB, NP, NB + ws - 1, X]`` into ``[B, S, Hkv, X]``.
+@triton.jit
+def _sum_slices(PART, OUT, so, S, HKV, NHB, NP, NB, WS, LSLOT, X: tl.constexpr, X_PAD: tl.constexpr,
+                ROW: tl.constexpr, BL: tl.constexpr):
+    """``OUT[b, l, hk, :X]`` for BL small keys ``l`` of one (batch, kv head): the rows kernel's
+    partial rows of key l summed over the head blocks, in OUT's dtype. Key l = p NB + n is slot
+    ws - 1 + n of program p; the last ws - 1 keys of a block are also slots n - (NB - ws + 1) of
+    program p + 1, whose rows reach back ws - 1 keys (``_bwd_rows``). A fixed order: deterministic."""
+    n_l = (S + BL - 1) // BL                  # one grid axis: key blocks fastest
+    pid_l = tl.program_id(0) % n_l
+    pid_bh = tl.program_id(0) // n_l
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    ll = pid_l * BL + tl.arange(0, BL)
+    xx = tl.arange(0, X_PAD)
+    p = ll // NB
+    n = ll % NB
+    m = (ll < S)[:, None] & (xx < X)[None, :]
+    spill = m & ((n >= NB - (WS - 1)) & (p + 1 < NP))[:, None]
+    acc = tl.full([BL, X_PAD], 0.0, tl.float32)
+    for h in range(NHB):
+        prog = ((b * HKV + hk) * NHB + h).to(tl.int64) * NP + p          # program p of head block h
+        own = prog * LSLOT + WS - 1 + n
+        nxt = (prog + 1) * LSLOT + n - (NB - (WS - 1))
+        acc += tl.load(PART + own[:, None] * ROW + xx[None, :], mask=m, other=0.0)
+        acc += tl.load(PART + nxt[:, None] * ROW + xx[None, :], mask=spill, other=0.0)
+    tl.store(OUT + b * so[0] + ll[:, None] * so[1] + hk * so[2] + xx[None, :], acc.to(OUT.dtype.element_ty), mask=m)
 
-    Slot ``s`` of program ``p`` holds small key ``l = p * NB - (ws - 1) + s``: its last NB slots
-    are its own positions, its first ws - 1 (<= NB) spill into program p - 1's."""
-    B, HKV, NHB, NP, _, X = part.shape
-    own = part[:, :, :, :, ws - 1:, :].sum(2)              # [B, Hkv, NP, NB, X]
-    if ws > 1:
-        spill = part[:, :, :, 1:, : ws - 1, :].sum(2)      # [B, Hkv, NP - 1, ws - 1, X]
-        own[:, :, :-1, NB - (ws - 1):, :] += spill
-    return own.reshape(B, HKV, NP * NB, X)[:, :, :S].transpose(1, 2)
+
+def _gather_slices(part, NB: int, ws: int, S: int, cols: int, dtype: torch.dtype):
+    """The rows kernel's slices ``part [B, Hkv, NHB, NP, NB + ws - 1, ROW]`` summed per small
+    key into a new ``[B, S, Hkv, cols]`` tensor of ``dtype`` (one pass, ``_sum_slices``)."""
+    B, HKV, NHB, NP, LSLOT, ROW = part.shape
+    out = torch.empty(B, S, HKV, cols, device=part.device, dtype=dtype)
+    bl = max(16, min(64, 8192 // padded(cols)))      # keys per program: at most 8192 fp32 sums in registers
+    kernel(_sum_slices, part.device)[(B * HKV * triton.cdiv(S, bl),)](
+        part, out, strides(out), S, HKV, NHB, NP, NB, ws, LSLOT, X=cols, X_PAD=padded(cols), ROW=ROW, BL=bl,
+        num_warps=4)
+    return out
