@@ -37,7 +37,8 @@ positions (full windows) first, so the short programs near a sequence's ends fil
   and adds dk_s / dv_s into its own slice of a partial buffer ``[.., NB + ws - 1, D]`` (fp32).
   A tile's rows reach BI + BT - 1 small keys; the skewed sum ``sum_{i - t = l}`` is a product
   with a 0/1 matrix. The partial slices of neighbouring programs overlap by ws - 1 keys and the
-  head blocks of a group all touch the same keys: torch adds them afterwards, in a fixed order.
+  head blocks of a group all touch the same keys: ``_sum_slices`` adds them afterwards, in a
+  fixed order, into dk_s and dv_s.
 
 In both kernels only (tile, key block) pairs on a window's edge compute the window mask; pairs
 wholly inside every row's window run unmasked (keys kernel: separate loops, a ``MASK`` constexpr;
