@@ -354,14 +354,13 @@ def fwd_config(gqa: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int
                block_t: int | None = None) -> dict:
     """Launch configuration: ``BI, BH, BT`` (:func:`~.common.pack_rows` of ``block_m`` rows, at
     most ``block_t`` offsets), ``BN`` (``block_n``), warps, stages, and the design switches at
-    their defaults. The
-    defaults were chosen by measurement on Hopper (docs/kernels.md, Launch configuration): 64
-    rows and 4 warps (one warpgroup) beat 128 rows and 8 warps, because two such programs fit on
-    an SM and overlap one's softmax with the other's matrix products. A small window wider than
-    the tile (ws > BT) makes the kernel loop over offset chunks, which costs registers (spills),
-    so tiles grow to 128 rows to hold up to 128 offsets at once, still with 4 warps (and 2
-    stages, which fit): 8 warps were 21% slower at windows 128x128. The interpreter gets tiny
-    tiles."""
+    their defaults. The defaults were chosen by measurement on Hopper (docs/kernels.md, Launch
+    configuration): 64 rows and 4 warps (one warpgroup) beat 128 rows and 8 warps, because two
+    such programs fit on an SM and overlap one's softmax with the other's matrix products. A
+    small window wider than the tile (ws > BT) makes the kernel loop over offset chunks, which
+    costs registers (spills), so tiles grow to 128 rows to hold up to 128 offsets at once, still
+    with 4 warps (and 2 stages, which fit): 8 warps were 21% slower at windows 128x128, and tiles
+    of several positions x 16 offsets (``block_t``) no faster. The interpreter gets tiny tiles."""
     if interpret:
         dflt = (16, 16, 1, 1)
     elif max(D, Dv) > 128:
