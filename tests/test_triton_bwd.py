@@ -295,23 +295,27 @@ def test_negative_and_zero_scale(interpret, scale):
     _assert_within(got, ref, 1e-4)
 
 
-@pytest.mark.parametrize("ws,S,cols", [(5, 29, 6), (1, 16, 16), (9, 17, 3), (2, 40, 20)])
-def test_slice_sums_add_every_partial_row_of_a_small_key(ws, S, cols):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("ws,S,cols,NHB,HKV", [(5, 29, 6, 3, 2), (1, 16, 16, 3, 2), (9, 17, 3, 2, 1), (2, 40, 20, 1, 2),
+                                               (1, 1, 256, 1, 1)])
+def test_slice_sums_add_every_partial_row_of_a_small_key(ws, S, cols, NHB, HKV, device):
     """``_gather_slices``: small key l = p NB + n sums slot ws - 1 + n of program p and, for the
     last ws - 1 keys of a block, slot n - (NB - ws + 1) of program p + 1, over every head block;
     columns past ``cols`` are dropped and the result is cast (here against the same sums in torch,
-    on random partial rows; the gradient tests check it end to end)."""
+    on random partial rows; the gradient tests check it end to end). S = 1 and ws = 1 on the GPU:
+    integer arguments equal to 1 (S, ws, head blocks, kv heads) become constants there."""
     from twosimplicial.ops.triton.bwd import _gather_slices
-    NB, NHB, B, HKV = 8, 3, 2, 2
+    NB, B = 8, 2
     NP = -(-S // NB)
-    part = torch.randn(B, HKV, NHB, NP, NB + ws - 1, 32, generator=torch.Generator().manual_seed(ws + S))
-    want = torch.zeros(B, HKV, NP * NB + NB, 32, dtype=torch.float64)
+    row = max(32, cols)
+    part = torch.randn(B, HKV, NHB, NP, NB + ws - 1, row, generator=torch.Generator().manual_seed(ws + S))
+    want = torch.zeros(B, HKV, NP * NB + NB, row, dtype=torch.float64)
     for p in range(NP):
         for s in range(NB + ws - 1):
             want[:, :, p * NB - (ws - 1) + s + NB] += part[:, :, :, p, s].double().sum(2)
     want = want[:, :, NB:NB + S, :cols].transpose(1, 2)
-    for dtype in (torch.float32, torch.float16):
-        got = _gather_slices(part, NB, ws, S, cols, dtype)
+    for dtype in (torch.float32, torch.float16) + ((torch.bfloat16,) if device == "cuda" else ()):
+        got = _gather_slices(part.to(device), NB, ws, S, cols, dtype).cpu()
         assert got.dtype == dtype and got.shape == (B, S, HKV, cols) and got.is_contiguous()
-        torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=1e-5 if dtype == torch.float32 else 1e-3,
-                                   atol=1e-5 if dtype == torch.float32 else 1e-3)
+        tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=tol, atol=tol)
