@@ -76,8 +76,8 @@ import triton
 import triton.language as tl
 
 from ..plan import Plan, make_plan
-from .common import (chunk_columns, dks_from_sums, form_code, kernel, max_combine, pack_rows, padded, pow2, strides,
-                     sum_combine, z_operands, z_scaling)
+from .common import (chunk_columns, dks_from_sums, form_code, kernel, max_combine, pack_rows, padded, pow2,
+                     seq_block, strides, sum_combine, z_operands, z_scaling)
 
 
 @triton.jit
@@ -89,12 +89,7 @@ def _delta(DO, O, LSE, DELTA, LSE_B, sdo, so, S, HQ,
     finite was marked for a non-finite value in its window, and carries no gradient: lse = inf
     gives it P = 0, so dS = 0 (the values are finite in the backward), and Delta = 0.
     (tl.reduce with common's combine function, which the interpreter can run.)"""
-    n_s = (S + BS - 1) // BS                 # one grid axis: position blocks fastest
-    pid_s = tl.program_id(0) % n_s
-    pid_bh = tl.program_id(0) // n_s
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    ii = pid_s * BS + tl.arange(0, BS)
+    pid_bh, b, h, ii = seq_block(S, HQ, BS)
     ee = tl.arange(0, DV_PAD)
     m = (ii < S)[:, None] & (ee < DV)[None, :]
     do = tl.load(DO + b * sdo[0] + ii[:, None] * sdo[1] + h * sdo[2] + ee[None, :], mask=m, other=0.0)
@@ -627,8 +622,9 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
             _SHRINK[key] = _SHRINK.get(key, 0) + 1
 
     if form_id:       # two sums per column (X, Y), combined here
-        dks = _gather_slices(dks_part, NB, ws, S, dks_part.shape[-1], torch.float32)
-        dks = dks_from_sums(dks[..., :D], dks[..., padded(D):padded(D) + D], form_id).to(ks.dtype)
+        half = dks_part.shape[-1] // 2
+        dks = _gather_slices(dks_part, NB, ws, S, 2 * half, torch.float32)
+        dks = dks_from_sums(dks[..., :D], dks[..., half:half + D], form_id).to(ks.dtype)
     else:
         dks = _gather_slices(dks_part, NB, ws, S, D, ks.dtype)
     dvs = _gather_slices(dvs_part, NB, ws, S, DV, vs.dtype)
@@ -715,19 +711,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 @triton.jit
-def _sum_slices(PART, OUT, so, S, HKV, NHB, NP, NB, WS, LSLOT, X: tl.constexpr, X_PAD: tl.constexpr,
+def _sum_slices(PART, OUT, so, S, HKV, NHB, NP, NB, WS, X: tl.constexpr, X_PAD: tl.constexpr,
                 ROW: tl.constexpr, BL: tl.constexpr):
     """``OUT[b, l, hk, :X]`` for BL small keys ``l`` of one (batch, kv head): the rows kernel's
     partial rows of key l summed over the head blocks, in OUT's dtype. Key l = p NB + n is slot
     ws - 1 + n of program p; the last ws - 1 keys of a block are also slots n - (NB - ws + 1) of
     program p + 1, whose rows reach back ws - 1 keys (``_bwd_rows``). A fixed order: deterministic."""
-    n_l = (S + BL - 1) // BL                  # one grid axis: key blocks fastest
-    pid_l = tl.program_id(0) % n_l
-    pid_bh = tl.program_id(0) // n_l
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    ll = pid_l * BL + tl.arange(0, BL)
+    _, b, hk, ll = seq_block(S, HKV, BL)
     xx = tl.arange(0, X_PAD)
+    LSLOT = NB + WS - 1                       # slots of a program's slice (as in _bwd_rows)
     p = ll // NB
     n = ll % NB
     m = (ll < S)[:, None] & (xx < X)[None, :]
@@ -745,10 +737,10 @@ def _sum_slices(PART, OUT, so, S, HKV, NHB, NP, NB, WS, LSLOT, X: tl.constexpr, 
 def _gather_slices(part, NB: int, ws: int, S: int, cols: int, dtype: torch.dtype):
     """The rows kernel's slices ``part [B, Hkv, NHB, NP, NB + ws - 1, ROW]`` summed per small
     key into a new ``[B, S, Hkv, cols]`` tensor of ``dtype`` (one pass, ``_sum_slices``)."""
-    B, HKV, NHB, NP, LSLOT, ROW = part.shape
+    B, HKV, NHB, NP, _, ROW = part.shape
     out = torch.empty(B, S, HKV, cols, device=part.device, dtype=dtype)
     bl = max(16, min(64, 8192 // padded(cols)))      # keys per program: at most 8192 fp32 sums in registers
     kernel(_sum_slices, part.device)[(B * HKV * triton.cdiv(S, bl),)](
-        part, out, strides(out), S, HKV, NHB, NP, NB, ws, LSLOT, X=cols, X_PAD=padded(cols), ROW=ROW, BL=bl,
+        part, out, strides(out), S, HKV, NHB, NP, NB, ws, X=cols, X_PAD=padded(cols), ROW=ROW, BL=bl,
         num_warps=4)
     return out

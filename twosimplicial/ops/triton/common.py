@@ -80,6 +80,19 @@ def form_code(form: str, swap: bool) -> int:
 
 
 @triton.jit
+def seq_block(S, H, BS: tl.constexpr):
+    """A one-axis grid over (batch, head) x blocks of BS positions, blocks fastest (no CUDA limit
+    of 65535 on B * H; the host launches ``cdiv(S, BS) * B * H`` programs): this program's
+    (batch, head) pair ``b * H + h``, batch, head and its block's positions."""
+    n_s = (S + BS - 1) // BS
+    pid_s = tl.program_id(0) % n_s
+    pid_bh = tl.program_id(0) // n_s
+    b = pid_bh // H
+    h = pid_bh % H
+    return pid_bh, b, h, pid_s * BS + tl.arange(0, BS)
+
+
+@triton.jit
 def chunk_columns(dd, D: tl.constexpr):
     """For column indices ``dd``: the next and the previous column inside each 3-chunk of the
     first ``3 * (D // 3)`` dims (``(a x b)_d = a[nx] b[pv] - a[pv] b[nx]``), the column itself on
