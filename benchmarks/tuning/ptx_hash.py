@@ -18,7 +18,8 @@ prints its registers and spill bytes: an offline look at register pressure (e.g.
 configurations, ``--bwd-config '{"BI": 4, "BT": 16}'``; the configs override every case's). The
 PTX of the installed triton is not the GPU's triton's, so the numbers are a guide for what to time,
 not a measurement: the backward's rows kernel at the mha shape spilled 1272 bytes under triton
-3.6 on the device and 1184 under triton 3.9 here.
+3.6 on the device and 1184 under triton 3.9 here. Run under the device's triton (a second
+environment, docs/kernels.md, Tuning harnesses), it reports what the device's compiler does.
 
 Run it before and after a change with the same triton: equal hashes mean the same kernels
 (no change of speed or results possible). It compiles with whatever triton is installed; the
