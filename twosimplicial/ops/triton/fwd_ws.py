@@ -1,0 +1,385 @@
+"""Warp-specialised forward (Gluon, Hopper): a prototype of the issue-18 lead, for one-position tiles.
+
+Same math and tile as :mod:`.fwd` (virtual rows ``z[i, t] = q_i * k_s[i - t]`` against the big
+window, the offsets of a query merged as split-KV decoding merges its splits), same outputs
+(``out``, ``lse``, the non-finite marks), but the work of a program is split over partitions:
+
+- the *builder* (the default partition, 4 warps) gathers ``q``, ``k_s`` and ``v_s`` rows for the
+  next tile of each consumer, forms ``z`` (one rounding to the input dtype) and writes ``z`` and
+  ``v_s`` to shared memory: the gathers and the products that were each tile's fixed cost leave
+  the consumers' instruction streams;
+- two *consumers* (4 warps each, one warpgroup) walk the program's tiles in turn (consumer ``c``
+  takes the program's tiles ``c, c + 2, ...``), each with its own ring of key / value blocks that
+  it fills itself through the copy engine, ``NS`` blocks ahead and across tile boundaries (the
+  grid is persistent), so that the next tile's first blocks are in flight during the merge. Two
+  consumers alternate on the tensor cores as two programs per SM do in :mod:`.fwd`.
+
+Scope: one-position tiles (``BI == 1``: GQA with at least two query heads per kv head at
+``ws <= 32``), ``ws <= BT`` (one offset chunk), the trilinear form, 16-bit inputs, head dims
+64 or 128, contiguous ``[B, S, H, D]`` keys and values. :func:`supports` says whether a problem
+is in scope.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ..plan import Plan
+from .common import pack_rows, z_scaling
+
+BM = 64        # virtual rows per tile (one warpgroup's wgmma M)
+BN = 64        # keys per block
+NS = 2         # key / value blocks in flight per consumer
+
+
+@gluon.jit
+def _tile(g, n_ph, NHB, HKV):
+    """(b, hk, hblk, i0) of tile ``g`` in the order of :mod:`.fwd`'s grid (head block fastest)."""
+    pid_bh = g // n_ph
+    pid = g % n_ph
+    return pid_bh // HKV, pid_bh % HKV, pid % NHB, pid // NHB
+
+
+@gluon.jit
+def _n_blocks(i0, WB, BN: gl.constexpr):
+    """Key blocks of position ``i0``'s big window, anchored at ``i0 + 1`` and walking left."""
+    lo = gl.maximum(i0 - WB + 1, 0)
+    return (i0 + 1 - lo + BN - 1) // BN
+
+
+@gluon.jit
+def _builder(Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
+             sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2,
+             HKV, GQA, NHB, WS, n_ph, T,
+             NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
+             BM: gl.constexpr, NCONS: gl.constexpr):
+    """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffer of
+    the consumer that takes each (``k % NCONS``), once that consumer has released it."""
+    TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_local = (T - pid + nprog - 1) // nprog
+    r = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    dd = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    ee = gl.arange(0, DV, layout=gl.SliceLayout(0, layout))
+    tt = r % BT
+    hh = r // BT
+    for k in range(n_local):
+        c = k % NCONS
+        ph = (k // NCONS) & 1
+        b, hk, hblk, i0 = _tile(pid + k * nprog, n_ph, NHB, HKV)
+        b = b.to(gl.int64)
+        hg = hblk * BH + hh
+        l = i0 - tt
+        ok = (hg < GQA) & (tt < WS) & (l >= 0)
+        q = gl.load(Q + b * sq0 + i0 * sq1 + (hk * GQA + hg)[:, None] * sq2 + dd[None, :], mask=ok[:, None],
+                    other=0.0).to(gl.float32)
+        ks = gl.load(KS + b * sks0 + l[:, None] * sks1 + hk * sks2 + dd[None, :], mask=ok[:, None],
+                     other=0.0).to(gl.float32)
+        vs = gl.load(VS + b * svs0 + l[:, None] * svs1 + hk * svs2 + ee[None, :], mask=ok[:, None], other=0.0)
+        if NEG_Z:
+            ks = -ks
+        z = (ks * q).to(vs.dtype)
+        # barriers start in phase 0: waiting on phase 1 of an "empty" barrier passes at once
+        mbarrier.wait(z_empty.index(c), ph ^ 1)
+        zbuf.index(c).store(z)
+        fence_async_shared()                       # the consumer reads z through the async proxy (wgmma)
+        mbarrier.arrive(z_ready.index(c), count=1)
+        mbarrier.wait(vs_empty.index(c), ph ^ 1)
+        vsbuf.index(c).store(vs)
+        mbarrier.arrive(vs_ready.index(c), count=1)
+
+
+@gluon.jit
+def _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, row, hk, pred, D: gl.constexpr, DV: gl.constexpr):
+    bar = kv_ready.index(slot)
+    mbarrier.expect(bar, kb_desc.block_type.nbytes + vb_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(kb_desc, [row, hk * D], bar, kbuf.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(vb_desc, [row, hk * DV], bar, vbuf.index(slot), pred=pred)
+
+
+@gluon.jit
+def _window_holds(CNT, b, hk, HKV, S, i, W, ok):
+    """Whether the window ``(i - W, i]`` holds a flagged value row (:func:`.fwd.clean_values`)."""
+    base = CNT + (b * HKV + hk) * S
+    upto_i = gl.load(base + i, mask=ok, other=0)
+    upto_i_minus_w = gl.load(base + i - W, mask=ok & (i >= W), other=0)
+    return upto_i > upto_i_minus_w
+
+
+@gluon.jit
+def _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS: gl.constexpr, S, n_ph, NHB, HKV, WB,
+             BN: gl.constexpr):
+    """The load cursor one block on: block ``lb`` of the consumer's tile ``lu`` (of ``ln``
+    blocks, first key row ``lrow`` in the 2-D view, kv head ``lhk``)."""
+    lb += 1
+    if lb == ln:
+        lu += 1
+        lb = 0
+        b, lhk, hblk, i0 = _tile(pid + (cid + NCONS * lu) * nprog, n_ph, NHB, HKV)
+        ln = _n_blocks(i0, WB, BN)
+        lrow = b * S + i0 + 1
+    return lu, lb, ln, lrow, lhk
+
+
+@gluon.jit
+def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
+    """Online softmax (base 2) of one block of logits ``s``: (p, alpha, m, l)."""
+    if masked:                                         # the window's left edge (or the sequence start)
+        s = gl.where(j[None, :] > j_min, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf,
+              z_ready, z_empty, vs_ready, vs_empty, kv_ready,
+              so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
+              D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
+              BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr,
+              OVERLAP: gl.constexpr):
+    """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``."""
+    NQ: gl.constexpr = BM // BT
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_local = (T - pid + nprog - 1) // nprog
+    n_mine = (n_local - cid + NCONS - 1) // NCONS
+    zb = zbuf.index(cid)
+    vsb = vsbuf.index(cid)
+    ring = cid * NS
+
+    # load cursor (_advance), NS blocks ahead of the computation, across tiles
+    b0, lhk, hb0, i00 = _tile(pid + cid * nprog, n_ph, NHB, HKV)
+    lu = 0
+    lb = 0
+    ln = _n_blocks(i00, WB, BN)
+    lrow = b0 * S + i00 + 1
+    for first in gl.static_range(NS):
+        _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, ring + first, lrow - (lb + 1) * BN, lhk, lu < n_mine,
+                    D, DV)
+        lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV, WB, BN)
+
+    jj = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    s_zero = gl.zeros([BM, BN], gl.float32, s_layout)
+    it = 0
+    for u in range(n_mine):
+        b, hk, hblk, i0 = _tile(pid + (cid + NCONS * u) * nprog, n_ph, NHB, HKV)
+        n_blk = _n_blocks(i0, WB, BN)
+        full_lo = gl.maximum(i0 + 1 - WB, 0)
+        n_full = gl.minimum(gl.maximum(i0 + 1 - full_lo, 0) // BN, n_blk)
+        j_min = gl.maximum(i0 - WB, -1)             # keys j > j_min are in the window
+        j_top = i0 + 1 - BN + jj                    # keys of block 0; block k: j_top - k BN
+        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.full([BM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BM, DV], gl.float32, o_layout)
+        mbarrier.wait(z_ready.index(cid), u & 1)
+        if OVERLAP:
+            # FA3's order: S of block k + 1 is issued with P V of block k, and its softmax runs
+            # while P V is on the tensor cores. P goes through shared memory: as a register
+            # operand its registers would be rewritten by the next softmax while the product
+            # still reads them, and ptxas then waits for the product before the softmax
+            pb = pbuf.index(cid)
+            slot = ring + it % NS
+            mbarrier.wait(kv_ready.index(slot), (it // NS) & 1)
+            s = warpgroup_mma(zb, kbuf.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, 0 >= n_full, j_top, j_min, qk_scale)
+            pb.store(p.to(zbuf.dtype))
+            fence_async_shared()
+            for blk in range(n_blk - 1):
+                slot = ring + it % NS
+                nxt = ring + (it + 1) % NS
+                mbarrier.wait(kv_ready.index(nxt), ((it + 1) // NS) & 1)
+                s = warpgroup_mma(zb, kbuf.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma(pb, vbuf.index(slot), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s, ))
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk + 1 >= n_full, j_top - (blk + 1) * BN, j_min,
+                                                    qk_scale)
+                # the softmax's results pass through the wait, so that it is computed before it
+                acc, p, alpha, l_i = warpgroup_mma_wait(0, deps=(acc, p, alpha, l_i))
+                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+                pb.store(p.to(zbuf.dtype))
+                fence_async_shared()
+                _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine,
+                            D, DV)
+                lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV,
+                                                 WB, BN)
+                it += 1
+            mbarrier.arrive(z_empty.index(cid), count=1)
+            slot = ring + it % NS
+            acc = warpgroup_mma(pb, vbuf.index(slot), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine, D, DV)
+            lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV, WB, BN)
+            it += 1
+        else:
+            for blk in range(n_blk):
+                slot = ring + it % NS
+                mbarrier.wait(kv_ready.index(slot), (it // NS) & 1)
+                # s[r, j] = <z_r, k_b[j]>
+                s = warpgroup_mma(zb, kbuf.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, ))
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk >= n_full, j_top - blk * BN, j_min, qk_scale)
+                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+                acc = warpgroup_mma(gl.convert_layout(p.to(zbuf.dtype), p_layout), vbuf.index(slot), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                # the slot is free: fetch the consumer's next block into it
+                _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine,
+                            D, DV)
+                lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV,
+                                                 WB, BN)
+                it += 1
+            mbarrier.arrive(z_empty.index(cid), count=1)
+
+        # merge of the tile's offsets per query (fwd.py, (2)), in base 2
+        r = gl.arange(0, BM, layout=o_rows)
+        tt = r % BT
+        hg = hblk * BH + r // BT
+        rvalid = (hg < GQA) & (tt < WS) & (i0 - tt >= 0)
+        mbarrier.wait(vs_ready.index(cid), u & 1)
+        vs = vsb.load(o_layout).to(gl.float32)
+        mbarrier.arrive(vs_empty.index(cid), count=1)
+        m_r = gl.where(rvalid, gl.convert_layout(m_i, o_rows), -1.0e30)
+        l_r = gl.where(rvalid, gl.convert_layout(l_i, o_rows), 0.0)
+        m3 = gl.reshape(m_r, [NQ, BT])
+        m_c = gl.max(m3, 1)
+        a3 = gl.exp2(m3 - m_c[:, None])
+        L_c = gl.sum(a3 * gl.reshape(l_r, [NQ, BT]), 1)
+        a_r = gl.where(rvalid, gl.convert_layout(gl.reshape(a3, [BM]), o_rows), 0.0)
+        y = gl.where(rvalid[:, None], acc * vs * a_r[:, None], 0.0)
+        O_c = gl.convert_layout(gl.sum(gl.reshape(y, [NQ, BT, DV]), 1), out_layout)
+
+        qq = gl.arange(0, NQ, layout=gl.SliceLayout(1, out_layout))
+        ee = gl.arange(0, DV, layout=gl.SliceLayout(0, out_layout))
+        hl_q = hblk * BH + qq
+        ok_q = hl_q < GQA
+        h_q = hk * GQA + hl_q
+        L_q = gl.convert_layout(L_c, gl.SliceLayout(1, out_layout))
+        M_q = gl.convert_layout(m_c, gl.SliceLayout(1, out_layout))
+        L_safe = gl.where(L_q > 0.0, L_q, 1.0)
+        o = O_c / L_safe[:, None]
+        b64 = b.to(gl.int64)
+        i_q = gl.full([NQ], 0, gl.int32, gl.SliceLayout(1, out_layout)) + i0
+        # a query whose window holds a non-finite value gets NaN in its whole row (fwd.py)
+        holds = _window_holds(CNT_S, b64, hk, HKV, S, i_q, WS, ok_q) | \
+            _window_holds(CNT_B, b64, hk, HKV, S, i_q, WB, ok_q)
+        o = gl.where(holds[:, None], float("nan"), o)
+        gl.store(O + b64 * so0 + i0 * so1 + h_q[:, None] * so2 + ee[None, :], o.to(O.dtype.element_ty),
+                 mask=ok_q[:, None])
+        lse = (M_q + gl.log2(L_safe)) * 0.6931471805599453
+        gl.store(LSE + b64 * sl0 + h_q * sl1 + i0, lse, mask=ok_q)
+
+
+@gluon.jit
+def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
+                   sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, so0, so1, so2, sl0, sl1,
+                   S, HKV, GQA, NHB, WS, WB, T, qk_scale,
+                   NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
+                   BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr, OVERLAP: gl.constexpr,
+                   z_layout: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    n_ph = S * NHB                                 # tiles per (batch, kv head): BI = 1
+    dtype: gl.constexpr = Q.dtype.element_ty
+    zbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, D], z_layout)
+    vs_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, DV], dtype)
+    vsbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, DV], vs_layout)
+    kbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, D], kb_desc.layout)
+    vbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, DV], vb_desc.layout)
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
+    pbuf = gl.allocate_shared_memory(dtype, [NCONS if OVERLAP else 1, BM, BN], p_layout)
+    z_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
+    z_empty = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
+    vs_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
+    vs_empty = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NCONS * NS, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(NCONS):
+        mbarrier.init(z_ready.index(c), count=1)
+        mbarrier.init(z_empty.index(c), count=1)
+        mbarrier.init(vs_ready.index(c), count=1)
+        mbarrier.init(vs_empty.index(c), count=1)
+    for s in gl.static_range(NCONS * NS):
+        mbarrier.init(kv_ready.index(s), count=1)
+    # worker partitions take no distributed tensors: each consumer builds its own index vectors
+    if NCONS == 2:
+        gl.warp_specialize([
+            (_builder, (Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
+                    sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, HKV, GQA, NHB, WS, n_ph, T,
+                    NEG_Z, D, DV, BH, BT, BM, NCONS)),
+            (_consumer, (0, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
+                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
+                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+            (_consumer, (1, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
+                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
+                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_builder, (Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
+                    sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, HKV, GQA, NHB, WS, n_ph, T,
+                    NEG_Z, D, DV, BH, BT, BM, NCONS)),
+            (_consumer, (0, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
+                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
+                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+            (_consumer, (1, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
+                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
+                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+            (_consumer, (2, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
+                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
+                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+        ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+
+
+def supports(plan: Plan, form: str, q, kb, vb) -> bool:
+    """Whether :func:`canonical_fwd_ws` takes this problem (the module's scope)."""
+    if form != "trilinear" or q.dtype not in (torch.bfloat16, torch.float16) or q.device.type != "cuda":
+        return False
+    if plan.D != plan.Dv or plan.D not in (64, 128):
+        return False
+    BI, BH, BT = pack_rows(BM, plan.gqa, plan.ws)
+    return BI == 1 and plan.ws <= BT and all(t.is_contiguous() for t in (kb, vb))
+
+
+def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_programs: int | None = None,
+                     consumers: int = 2, stages: int = NS, overlap: bool = False, consumer_regs: int | None = None,
+                     maxnreg: int | None = None):
+    """:func:`.fwd.canonical_fwd` for problems in this module's scope (:func:`supports`)."""
+    B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
+    out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    if plan.empty:
+        return out, lse
+    BI, BH, BT = pack_rows(BM, plan.gqa, ws)
+    NHB = triton.cdiv(plan.gqa, BH)
+    T = S * NHB * B * Hkv
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    k_layout = gl.NVMMASharedLayout.get_default_for([BN, D], gdt)
+    v_layout = gl.NVMMASharedLayout.get_default_for([BN, Dv], gdt)
+    # 2-D views [B * S, Hkv * D]: a block that starts before its batch's first row reads the
+    # previous batch's rows (or zeros before row 0); the window mask drops them
+    kb_desc = TensorDescriptor(kb, [B * S, Hkv * D], [Hkv * D, 1], [BN, D], k_layout)
+    vb_desc = TensorDescriptor(vb, [B * S, Hkv * Dv], [Hkv * Dv, 1], [BN, Dv], v_layout)
+    neg_z, qk_scale = z_scaling(scale)
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
+    grid = (min(T, num_programs or n_sm),)
+    _fwd_ws_kernel[grid](
+        q, ks, vs, kb_desc, vb_desc, out, lse, *counts,
+        *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
+        S, Hkv, plan.gqa, NHB, ws, wb, T, qk_scale,
+        NEG_Z=neg_z, D=D, DV=Dv, BH=BH, BT=BT, BM=BM, BN=BN, NS=stages, NCONS=consumers, OVERLAP=overlap,
+        z_layout=gl.NVMMASharedLayout.get_default_for([BM, D], gdt),
+        CONSUMER_REGS=consumer_regs or (200 if consumers == 2 else 144),
+        num_warps=4, maxnreg=maxnreg or (168 if consumers == 2 else 128))
+    return out, lse
