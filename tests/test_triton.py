@@ -333,6 +333,47 @@ def test_gpu_tf32_follows_torch_flag():
     assert e_tf32 < 2e-3 and e_ieee < 1e-5 and e_ieee < e_tf32
 
 
+# the warp-specialised Gluon forward (fwd_ws.py, not dispatched): its knobs per head dim (three
+# consumers fit the shared memory only at D = 64)
+WS_VARIANTS = {128: {"c2": {}, "overlap": {"overlap": True}},
+               64: {"c2": {}, "c2s3": {"stages": 3}, "c3": {"consumers": 3}, "c3s3": {"consumers": 3, "stages": 3},
+                    "c3-overlap": {"consumers": 3, "overlap": True}}}
+# (B, S, Hq, Hkv, D, w1, w2, scale, dtype): GQA-8 (persistent grid of many tiles); head blocks
+# partly past the kv group (3 query heads per kv head) and S not a multiple of any block, with a
+# negative scale; a non-finite value (fp16); windows past S; a window of one big key
+WS_CASES = [(1, 1000, 32, 4, 128, 512, 32, 0.088, torch.bfloat16),
+            (3, 100, 6, 2, 64, 50, 32, -0.3, torch.bfloat16),
+            (2, 200, 8, 1, 64, 70, 32, 0.2, torch.float16),
+            (1, 300, 16, 1, 128, 4096, 16, 0.2, torch.bfloat16),
+            (2, 130, 64, 1, 64, 1, 32, 0.2, torch.bfloat16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_gpu_ws_forward_matches_the_triton_forward(case):
+    B, S, Hq, Hkv, D, w1, w2, scale, dtype = case
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    inputs = make(B, S, Hq, Hkv, D, D, dtype=dtype, device="cuda", gen=gen)
+    if dtype == torch.float16:
+        inputs[4][:, S // 3, 0, 5] = float("inf")        # v2: the rows whose window holds it are NaN
+    o0, l0 = two_simplicial_fwd(*inputs, w1, w2, scale, False)
+    ro, rl = chunked_two_simplicial_attention(*(t.double() for t in inputs), w1, w2, scale)
+    fin = torch.isfinite(ro)
+    assert rel(o0[fin], ro[fin]) < 1e-2
+    for name, knobs in WS_VARIANTS[D].items():
+        out = torch.full_like(o0, 7.0)                   # poison: every element written?
+        o, lse = two_simplicial_fwd(*inputs, w1, w2, scale, False, config={"ws": knobs})
+        out.copy_(o)
+        assert torch.equal(out.isnan(), o0.isnan()), name
+        assert rel(out[fin], o0[fin]) < 1e-6 and rel(lse, l0) < 1e-6, name
+
+
+def test_ws_forward_refuses_problems_outside_its_scope():
+    inputs = make(1, 20, 4, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"config\['ws'\].*CUDA"):
+        two_simplicial_fwd(*inputs, 8, 4, 0.25, False, config={"ws": {}})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [(1, 3000, 8, 2, 48, 64, 200, 48), (2, 1, 4, 4, 256, 256, 512, 32),
                                   (1, 700, 4, 1, 32, 32, 1000, 1000), (1, 333, 2, 2, 16, 16, 1, 1)])

@@ -346,7 +346,7 @@ def _two_simplicial_fwd_kernel(
 # Design switches of the kernel (docs/kernels.md, Launch configuration), for A/B tests of the
 # choices they name and for tests; not launch knobs: ``config`` of :func:`two_simplicial_fwd`
 # takes them beside the knobs of :func:`fwd_config`.
-SWITCHES = ("prefetch_vs", "tma", "edge_dot", "int64_idx", "maxnreg")
+SWITCHES = ("prefetch_vs", "tma", "edge_dot", "int64_idx", "maxnreg", "ws")
 
 
 def fwd_config(gqa: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int | None = None,
@@ -372,7 +372,7 @@ def fwd_config(gqa: int, ws: int, D: int, Dv: int, interpret: bool, block_m: int
     BI, BH, BT = pack_rows(block_m or dflt[0], gqa, min(ws, block_t or ws))
     return dict(BN=block_n or dflt[1], BI=BI, BH=BH, BT=BT, num_warps=num_warps or dflt[2],
                 num_stages=num_stages or dflt[3], prefetch_vs=not interpret and max(D, Dv) <= 128,
-                tma=not interpret, edge_dot=True, int64_idx=False, maxnreg=None)
+                tma=not interpret, edge_dot=True, int64_idx=False, maxnreg=None, ws=None)
 
 
 def _kv_desc(t: torch.Tensor, rows: int):
@@ -418,7 +418,8 @@ def two_simplicial_fwd(q, k1, v1, k2, v2, w1: int, w2: int, scale: float, allow_
     window holds a non-finite value is NaN (docs/kernels.md, Non-finite inputs). fp32 inputs use
     tf32 tensor cores only when ``allow_tf32``. ``config`` overrides the default launch
     configuration, for tuning (the knobs of :func:`fwd_config`: block_m, block_n, num_warps,
-    num_stages, block_t) and for A/B tests and tests (the :data:`SWITCHES`). The window roles come from
+    num_stages, block_t) and for A/B tests and tests (the :data:`SWITCHES`; ``ws``, a dict of
+    :func:`.fwd_ws.canonical_fwd_ws`'s knobs, runs the warp-specialised prototype). The window roles come from
     :func:`~twosimplicial.ops.plan.make_plan`, as in the backward.
     """
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
@@ -442,6 +443,12 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, config: d
     knobs = {k: v for k, v in (config or {}).items() if k not in SWITCHES}
     cfg = fwd_config(plan.gqa, ws, D, Dv, q.device.type != "cuda", **knobs)
     cfg.update({k: v for k, v in (config or {}).items() if k in SWITCHES and v is not None})
+    if cfg["ws"] is not None:   # the warp-specialised Gluon prototype (fwd_ws.py), with its own knobs
+        from . import fwd_ws
+        if not fwd_ws.supports(plan, form, q, kb, vb):
+            raise ValueError(f"config['ws']: the warp-specialised forward takes {fwd_ws.SCOPE}; got "
+                             f"{form} form, {q.dtype} on {q.device.type}, D={D}, Dv={Dv}, gqa={plan.gqa}, ws={ws}")
+        return fwd_ws.canonical_fwd_ws(plan, q, ks, vs, kb, vb, counts, scale, **cfg["ws"])
     BI, BH, BT, BN = cfg["BI"], cfg["BH"], cfg["BT"], cfg["BN"]
     NHB = triton.cdiv(plan.gqa, BH)
     grid = (triton.cdiv(S, BI) * NHB * B * Hkv,)

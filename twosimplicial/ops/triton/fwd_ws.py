@@ -14,10 +14,11 @@ window, the offsets of a query merged as split-KV decoding merges its splits), s
   grid is persistent), so that the next tile's first blocks are in flight during the merge. Two
   consumers alternate on the tensor cores as two programs per SM do in :mod:`.fwd`.
 
-Scope: one-position tiles (``BI == 1``: GQA with at least two query heads per kv head at
-``ws <= 32``), ``ws <= BT`` (one offset chunk), the trilinear form, 16-bit inputs, head dims
-64 or 128, contiguous ``[B, S, H, D]`` keys and values. :func:`supports` says whether a problem
-is in scope.
+Scope (:data:`SCOPE`, :func:`supports`): one-position tiles (``BI == 1``, e.g. GQA-64 or
+4 query heads per kv head at windows (512, 32)), one offset chunk (``ws <= BT``), the trilinear
+form, 16-bit inputs, head dims 64 or 128, contiguous ``[B, S, H, D]`` keys and values. Not
+dispatched: ``config={"ws": {...}}`` of :func:`.fwd.two_simplicial_fwd` runs it, for tests and
+benchmarks (docs/kernels.md, The warp-specialised forward).
 """
 from __future__ import annotations
 
@@ -342,8 +343,12 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
+SCOPE = ("bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), contiguous k_b / v_b, and "
+         "one-position tiles (pow2(small window) * pow2(query heads per kv head) >= 64, small window <= 64)")
+
+
 def supports(plan: Plan, form: str, q, kb, vb) -> bool:
-    """Whether :func:`canonical_fwd_ws` takes this problem (the module's scope)."""
+    """Whether :func:`canonical_fwd_ws` takes this problem (:data:`SCOPE`)."""
     if form != "trilinear" or q.dtype not in (torch.bfloat16, torch.float16) or q.device.type != "cuda":
         return False
     if plan.D != plan.Dv or plan.D not in (64, 128):
