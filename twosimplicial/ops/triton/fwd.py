@@ -445,7 +445,7 @@ def canonical_fwd(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, config: d
     cfg.update({k: v for k, v in (config or {}).items() if k in SWITCHES and v is not None})
     if cfg["ws"] is not None:   # the warp-specialised Gluon prototype (fwd_ws.py), with its own knobs
         from . import fwd_ws
-        if not fwd_ws.supports(plan, form, q, kb, vb):
+        if not fwd_ws.supports(plan, form, q, ks, vs, kb, vb):
             raise ValueError(f"config['ws']: the warp-specialised forward takes {fwd_ws.SCOPE}; got "
                              f"{form} form, {q.dtype} on {q.device.type}, D={D}, Dv={Dv}, gqa={plan.gqa}, ws={ws}")
         return fwd_ws.canonical_fwd_ws(plan, q, ks, vs, kb, vb, counts, scale, **cfg["ws"])

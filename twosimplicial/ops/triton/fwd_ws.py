@@ -343,18 +343,22 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
-SCOPE = ("bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), contiguous k_b / v_b, and "
-         "one-position tiles (pow2(small window) * pow2(query heads per kv head) >= 64, small window <= 64)")
+SCOPE = ("bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), contiguous k_b / v_b, 32-bit "
+         "offsets, and one-position tiles (pow2(small window) * pow2(query heads per kv head) >= 64, "
+         "small window <= 64)")
 
 
-def supports(plan: Plan, form: str, q, kb, vb) -> bool:
+def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
     """Whether :func:`canonical_fwd_ws` takes this problem (:data:`SCOPE`)."""
     if form != "trilinear" or q.dtype not in (torch.bfloat16, torch.float16) or q.device.type != "cuda":
         return False
     if plan.D != plan.Dv or plan.D not in (64, 128):
         return False
     BI, BH, BT = pack_rows(BM, plan.gqa, plan.ws)
-    return BI == 1 and plan.ws <= BT and all(t.is_contiguous() for t in (kb, vb))
+    # 32-bit indices: copy-engine rows of the [B * S, Hkv * D] views, position * stride offsets
+    small = plan.B * plan.S < 2 ** 31 and plan.S * max(q.stride(1), ks.stride(1), vs.stride(1),
+                                                       plan.Hq * plan.Dv) < 2 ** 31
+    return BI == 1 and plan.ws <= BT and small and all(t.is_contiguous() for t in (kb, vb))
 
 
 def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_programs: int | None = None,
