@@ -19,6 +19,7 @@ import math
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from twosimplicial.models import n_triples
 from benchmarks.tuning.bench_bwd_variants import load_module, report_kernels
@@ -124,7 +125,7 @@ def check(variants, gen, shapes=CHECK_SHAPES):
             fwd, c = fwd_fn(cfg)
             try:
                 o, lse = fwd(q, k1, v1, k2, v2, w1, w2, scale, False, config=c)
-            except ValueError as e:                    # a variant for part of the shapes (ws)
+            except (ValueError, OutOfResources) as e:  # a variant for part of the shapes (ws)
                 print(f"check {name:22s} B{B} S{S} Hq{Hq} Hkv{Hkv} D{D} Dv{Dv} {w1}x{w2}: not taken ({str(e)[:60]})")
                 continue
             out.copy_(o)

@@ -189,31 +189,33 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
         mbarrier.wait(z_ready.index(cid), u & 1)
         if OVERLAP:
             # FA3's order: S of block k + 1 is issued with P V of block k, and its softmax runs
-            # while P V is on the tensor cores. P goes through shared memory: as a register
-            # operand its registers would be rewritten by the next softmax while the product
-            # still reads them, and ptxas then waits for the product before the softmax
-            pb = pbuf.index(cid)
+            # while P V is on the tensor cores. P goes through shared memory, two buffers: as a
+            # register operand its registers would be rewritten by the next softmax while the
+            # product still reads them; and P of block k + 1 is stored before the wait for P V
+            # of block k, so that ptxas has no reason to sink the softmax below that wait
+            ring2 = 2 * cid
+            pb = ring2
             slot = ring + it % NS
             mbarrier.wait(kv_ready.index(slot), (it // NS) & 1)
             s = warpgroup_mma(zb, kbuf.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s, ))
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, 0 >= n_full, j_top, j_min, qk_scale)
-            pb.store(p.to(zbuf.dtype))
+            pbuf.index(pb).store(p.to(zbuf.dtype))
             fence_async_shared()
             for blk in range(n_blk - 1):
                 slot = ring + it % NS
                 nxt = ring + (it + 1) % NS
                 mbarrier.wait(kv_ready.index(nxt), ((it + 1) // NS) & 1)
                 s = warpgroup_mma(zb, kbuf.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                acc = warpgroup_mma(pb, vbuf.index(slot), acc, is_async=True)
+                acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s, ))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk + 1 >= n_full, j_top - (blk + 1) * BN, j_min,
                                                     qk_scale)
-                # the softmax's results pass through the wait, so that it is computed before it
-                acc, p, alpha, l_i = warpgroup_mma_wait(0, deps=(acc, p, alpha, l_i))
-                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-                pb.store(p.to(zbuf.dtype))
+                pb = ring2 + (blk + 1) % 2                 # the buffer P V of block k - 1 read (done)
+                pbuf.index(pb).store(p.to(zbuf.dtype))
                 fence_async_shared()
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
                 _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine,
                             D, DV)
                 lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV,
@@ -221,7 +223,7 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
             slot = ring + it % NS
-            acc = warpgroup_mma(pb, vbuf.index(slot), acc, is_async=True)
+            acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine, D, DV)
             lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV, WB, BN)
@@ -300,7 +302,7 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
     kbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, D], kb_desc.layout)
     vbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, DV], vb_desc.layout)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
-    pbuf = gl.allocate_shared_memory(dtype, [NCONS if OVERLAP else 1, BM, BN], p_layout)
+    pbuf = gl.allocate_shared_memory(dtype, [2 * NCONS if OVERLAP else 1, BM, BN], p_layout)
     z_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
     z_empty = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
     vs_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
@@ -364,7 +366,13 @@ def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
 def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_programs: int | None = None,
                      consumers: int = 2, stages: int = NS, overlap: bool = False, consumer_regs: int | None = None,
                      maxnreg: int | None = None):
-    """:func:`.fwd.canonical_fwd` for problems in this module's scope (:func:`supports`)."""
+    """:func:`.fwd.canonical_fwd` for problems in this module's scope (:func:`supports`). Knobs:
+    ``consumers`` (2 or 3), ``stages`` (key / value blocks per consumer ring), ``overlap`` (FA3's
+    order, P through two shared-memory buffers per consumer), the consumers' registers and the
+    kernel's ``maxnreg``. Past D = 64, only two consumers with two stages and no overlap fit the
+    shared memory (triton raises ``OutOfResources`` for the others)."""
+    if consumers not in (2, 3):
+        raise ValueError(f"consumers: expected 2 or 3, got {consumers}")
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
     out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
