@@ -8,11 +8,13 @@ window, the offsets of a query merged as split-KV decoding merges its splits), s
   next tile of each consumer, forms ``z`` (one rounding to the input dtype) and writes ``z`` and
   ``v_s`` to shared memory: the gathers and the products that were each tile's fixed cost leave
   the consumers' instruction streams;
-- two *consumers* (4 warps each, one warpgroup) walk the program's tiles in turn (consumer ``c``
-  takes the program's tiles ``c, c + 2, ...``), each with its own ring of key / value blocks that
-  it fills itself through the copy engine, ``NS`` blocks ahead and across tile boundaries (the
-  grid is persistent), so that the next tile's first blocks are in flight during the merge. Two
-  consumers alternate on the tensor cores as two programs per SM do in :mod:`.fwd`.
+- ``NCONS`` (2 or 3) *consumers* (4 warps each, one warpgroup) walk the program's tiles in turn
+  (consumer ``c`` takes the program's tiles ``c, c + NCONS, ...``), each with its own ring of
+  ``NS`` key / value blocks that it refills itself through the copy engine, across tile
+  boundaries (the grid is persistent), so that the next tile's first blocks are in flight during
+  the merge. The consumers alternate on the tensor cores as programs per SM do in :mod:`.fwd`;
+  with ``OVERLAP`` each also runs a block's softmax while the previous block's ``P V`` is in
+  flight (FA3's order).
 
 Scope (:data:`SCOPE`, :func:`supports`): one-position tiles (``BI == 1``, e.g. GQA-64 or
 4 query heads per kv head at windows (512, 32)), one offset chunk (``ws <= BT``), the trilinear
