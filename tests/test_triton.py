@@ -334,8 +334,8 @@ def test_gpu_tf32_follows_torch_flag():
 
 
 # the warp-specialised Gluon forward (fwd_ws.py, not dispatched): its knobs per head dim (three
-# consumers, three stages and FA3's order fit the shared memory only at D = 64)
-WS_VARIANTS = {128: {"c2": {}},
+# consumers and three stages fit the shared memory only at D = 64)
+WS_VARIANTS = {128: {"c2": {}, "overlap": {"overlap": True}},
                64: {"c2": {}, "c2s3": {"stages": 3}, "c3": {"consumers": 3}, "c3s3": {"consumers": 3, "stages": 3},
                     "c3-overlap": {"consumers": 3, "overlap": True}}}
 # (B, S, Hq, Hkv, D, w1, w2, scale, dtype): GQA-8 (persistent grid of many tiles); head blocks

@@ -60,9 +60,10 @@ def _builder(Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
              sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2,
              HKV, GQA, NHB, WS, n_ph, T,
              NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
-             BM: gl.constexpr, NCONS: gl.constexpr):
-    """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffer of
-    the consumer that takes each (``k % NCONS``), once that consumer has released it."""
+             BM: gl.constexpr, NCONS: gl.constexpr, SHARED_VS: gl.constexpr):
+    """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffers of
+    the consumer that takes each (``k % NCONS``), once that consumer has released them (with
+    ``SHARED_VS`` one ``v_s`` buffer serves the consumers in turn, released by each merge)."""
     TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
     pid = gl.program_id(0)
@@ -94,9 +95,10 @@ def _builder(Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
         zbuf.index(c).store(z)
         fence_async_shared()                       # the consumer reads z through the async proxy (wgmma)
         mbarrier.arrive(z_ready.index(c), count=1)
-        mbarrier.wait(vs_empty.index(c), ph ^ 1)
-        vsbuf.index(c).store(vs)
-        mbarrier.arrive(vs_ready.index(c), count=1)
+        vc = 0 if SHARED_VS else c
+        mbarrier.wait(vs_empty.index(vc), ((k if SHARED_VS else k // NCONS) & 1) ^ 1)
+        vsbuf.index(vc).store(vs)
+        mbarrier.arrive(vs_ready.index(vc), count=1)
 
 
 @gluon.jit
@@ -161,7 +163,8 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
     n_local = (T - pid + nprog - 1) // nprog
     n_mine = (n_local - cid + NCONS - 1) // NCONS
     zb = zbuf.index(cid)
-    vsb = vsbuf.index(cid)
+    vc = 0 if OVERLAP else cid                     # FA3's order shares one v_s buffer (shared memory)
+    vsb = vsbuf.index(vc)
     ring = cid * NS
 
     # load cursor (_advance), NS blocks ahead of the computation, across tiles
@@ -255,9 +258,9 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
         tt = r % BT
         hg = hblk * BH + r // BT
         rvalid = (hg < GQA) & (tt < WS) & (i0 - tt >= 0)
-        mbarrier.wait(vs_ready.index(cid), u & 1)
+        mbarrier.wait(vs_ready.index(vc), ((cid + NCONS * u) if OVERLAP else u) & 1)
         vs = vsb.load(o_layout).to(gl.float32)
-        mbarrier.arrive(vs_empty.index(cid), count=1)
+        mbarrier.arrive(vs_empty.index(vc), count=1)
         m_r = gl.where(rvalid, gl.convert_layout(m_i, o_rows), -1.0e30)
         l_r = gl.where(rvalid, gl.convert_layout(l_i, o_rows), 0.0)
         m3 = gl.reshape(m_r, [NQ, BT])
@@ -300,19 +303,21 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
     dtype: gl.constexpr = Q.dtype.element_ty
     zbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, D], z_layout)
     vs_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, DV], dtype)
-    vsbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, DV], vs_layout)
+    N_VS: gl.constexpr = 1 if OVERLAP else NCONS   # v_s buffers: one, shared in turn, beside two P buffers each
+    vsbuf = gl.allocate_shared_memory(dtype, [N_VS, BM, DV], vs_layout)
     kbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, D], kb_desc.layout)
     vbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, DV], vb_desc.layout)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
     pbuf = gl.allocate_shared_memory(dtype, [2 * NCONS if OVERLAP else 1, BM, BN], p_layout)
     z_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
     z_empty = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
-    vs_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
-    vs_empty = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
+    vs_ready = gl.allocate_shared_memory(gl.int64, [N_VS, 1], mbarrier.MBarrierLayout())
+    vs_empty = gl.allocate_shared_memory(gl.int64, [N_VS, 1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [NCONS * NS, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(NCONS):
         mbarrier.init(z_ready.index(c), count=1)
         mbarrier.init(z_empty.index(c), count=1)
+    for c in gl.static_range(N_VS):
         mbarrier.init(vs_ready.index(c), count=1)
         mbarrier.init(vs_empty.index(c), count=1)
     for s in gl.static_range(NCONS * NS):
@@ -322,7 +327,7 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
         gl.warp_specialize([
             (_builder, (Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
                     sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, HKV, GQA, NHB, WS, n_ph, T,
-                    NEG_Z, D, DV, BH, BT, BM, NCONS)),
+                    NEG_Z, D, DV, BH, BT, BM, NCONS, OVERLAP)),
             (_consumer, (0, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
                       vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
                       D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
@@ -334,7 +339,7 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
         gl.warp_specialize([
             (_builder, (Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
                     sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, HKV, GQA, NHB, WS, n_ph, T,
-                    NEG_Z, D, DV, BH, BT, BM, NCONS)),
+                    NEG_Z, D, DV, BH, BT, BM, NCONS, OVERLAP)),
             (_consumer, (0, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
                       vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
                       D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
@@ -370,9 +375,10 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
                      maxnreg: int | None = None):
     """:func:`.fwd.canonical_fwd` for problems in this module's scope (:func:`supports`). Knobs:
     ``consumers`` (2 or 3), ``stages`` (key / value blocks per consumer ring), ``overlap`` (FA3's
-    order, P through two shared-memory buffers per consumer), the consumers' registers and the
-    kernel's ``maxnreg``. Past D = 64, only two consumers with two stages and no overlap fit the
-    shared memory (triton raises ``OutOfResources`` for the others)."""
+    order, P through two shared-memory buffers per consumer and one ``v_s`` buffer shared by the
+    consumers in turn), the consumers' registers and the kernel's ``maxnreg``. Past D = 64 only
+    two consumers with two stages fit the shared memory (triton raises ``OutOfResources`` for
+    the others)."""
     if consumers not in (2, 3):
         raise ValueError(f"consumers: expected 2 or 3, got {consumers}")
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
