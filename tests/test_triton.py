@@ -368,10 +368,15 @@ def test_gpu_ws_forward_matches_the_triton_forward(case):
         assert rel(out[fin], o0[fin]) < 1e-6 and rel(lse, l0) < 1e-6, name
 
 
-def test_ws_forward_refuses_problems_outside_its_scope():
+def test_ws_forward_refuses_problems_outside_its_scope_and_bad_knobs():
     inputs = make(1, 20, 4, 1, 16, 16)
     with pytest.raises(ValueError, match=r"config\['ws'\].*CUDA"):
         two_simplicial_fwd(*inputs, 8, 4, 0.25, False, config={"ws": {}})
+    from twosimplicial.ops.triton.fwd_ws import canonical_fwd_ws
+    for knobs, match in (({"consumers": 4}, "consumers: expected 2 or 3"),
+                         ({"stages": 1}, "stages: expected at least 2")):
+        with pytest.raises(ValueError, match=match):
+            canonical_fwd_ws(None, *inputs, None, 0.25, **knobs)
 
 
 @pytest.mark.gpu

@@ -381,6 +381,8 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
     the others)."""
     if consumers not in (2, 3):
         raise ValueError(f"consumers: expected 2 or 3, got {consumers}")
+    if stages < 2:                 # FA3's order waits for block k + 1 while block k's slot is in use
+        raise ValueError(f"stages: expected at least 2 key / value blocks per ring, got {stages}")
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
     out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
