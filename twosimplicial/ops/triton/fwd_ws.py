@@ -34,6 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import Plan
 from .common import pack_rows, z_scaling
+from .fwd import _window_holds
 
 BM = 64        # virtual rows per tile (one warpgroup's wgmma M)
 BN = 64        # keys per block
@@ -56,14 +57,16 @@ def _n_blocks(i0, WB, BN: gl.constexpr):
 
 
 @gluon.jit
-def _builder(Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
-             sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2,
-             HKV, GQA, NHB, WS, n_ph, T,
-             NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
-             BM: gl.constexpr, NCONS: gl.constexpr, SHARED_VS: gl.constexpr):
+def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr,
+             BT: gl.constexpr, BM: gl.constexpr, NCONS: gl.constexpr):
     """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffers of
     the consumer that takes each (``k % NCONS``), once that consumer has released them (with
-    ``SHARED_VS`` one ``v_s`` buffer serves the consumers in turn, released by each merge)."""
+    one ``v_s`` buffer, it serves the consumers in turn, released by each merge)."""
+    Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2 = ins
+    zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready = bars
+    S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
+    N_VS: gl.constexpr = vsbuf.type.shape[0]
     TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
     pid = gl.program_id(0)
@@ -95,34 +98,27 @@ def _builder(Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
         zbuf.index(c).store(z)
         fence_async_shared()                       # the consumer reads z through the async proxy (wgmma)
         mbarrier.arrive(z_ready.index(c), count=1)
-        vc = 0 if SHARED_VS else c
-        mbarrier.wait(vs_empty.index(vc), ((k if SHARED_VS else k // NCONS) & 1) ^ 1)
+        vc = k % N_VS                               # = c, or 0 with one shared buffer
+        mbarrier.wait(vs_empty.index(vc), ((k // N_VS) & 1) ^ 1)
         vsbuf.index(vc).store(vs)
         mbarrier.arrive(vs_ready.index(vc), count=1)
 
 
 @gluon.jit
-def _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, row, hk, pred, D: gl.constexpr, DV: gl.constexpr):
+def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars, dims, NCONS: gl.constexpr,
+           BN: gl.constexpr, D: gl.constexpr, DV: gl.constexpr):
+    """The consumer's load cursor: block ``lb`` of its tile ``lu`` (of ``ln`` blocks, first key row
+    ``lrow`` in the 2-D views, kv head ``lhk``) fetched into ring ``slot`` (none past the
+    consumer's ``n_mine`` tiles); returns the cursor one block on."""
+    kb_desc, vb_desc = outs[0], outs[1]
+    kbuf, vbuf, kv_ready = bufs[2], bufs[3], bars[4]
+    S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
+    row = lrow - (lb + 1) * BN
+    pred = lu < n_mine
     bar = kv_ready.index(slot)
     mbarrier.expect(bar, kb_desc.block_type.nbytes + vb_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(kb_desc, [row, hk * D], bar, kbuf.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(vb_desc, [row, hk * DV], bar, vbuf.index(slot), pred=pred)
-
-
-@gluon.jit
-def _window_holds(CNT, b, hk, HKV, S, i, W, ok):
-    """Whether the window ``(i - W, i]`` holds a flagged value row (:func:`.fwd.clean_values`)."""
-    base = CNT + (b * HKV + hk) * S
-    upto_i = gl.load(base + i, mask=ok, other=0)
-    upto_i_minus_w = gl.load(base + i - W, mask=ok & (i >= W), other=0)
-    return upto_i > upto_i_minus_w
-
-
-@gluon.jit
-def _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS: gl.constexpr, S, n_ph, NHB, HKV, WB,
-             BN: gl.constexpr):
-    """The load cursor one block on: block ``lb`` of the consumer's tile ``lu`` (of ``ln``
-    blocks, first key row ``lrow`` in the 2-D view, kv head ``lhk``)."""
+    tma.async_copy_global_to_shared(kb_desc, [row, lhk * D], bar, kbuf.index(slot), pred=pred)
+    tma.async_copy_global_to_shared(vb_desc, [row, lhk * DV], bar, vbuf.index(slot), pred=pred)
     lb += 1
     if lb == ln:
         lu += 1
@@ -145,13 +141,16 @@ def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
 
 
 @gluon.jit
-def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf,
-              z_ready, z_empty, vs_ready, vs_empty, kv_ready,
-              so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
+def _consumer(cid, outs, bufs, bars, dims,
               D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr,
               OVERLAP: gl.constexpr):
-    """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``."""
+    """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``. The
+    kernel's tensors, buffers, barriers and sizes come packed, as :func:`_fwd_ws_kernel` makes them."""
+    kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1 = outs
+    zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready = bars
+    S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     NQ: gl.constexpr = BM // BT
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
@@ -163,20 +162,20 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
     n_local = (T - pid + nprog - 1) // nprog
     n_mine = (n_local - cid + NCONS - 1) // NCONS
     zb = zbuf.index(cid)
-    vc = 0 if OVERLAP else cid                     # FA3's order shares one v_s buffer (shared memory)
+    N_VS: gl.constexpr = vsbuf.type.shape[0]       # one per consumer, or one they share in turn
+    vc = cid % N_VS
     vsb = vsbuf.index(vc)
     ring = cid * NS
 
-    # load cursor (_advance), NS blocks ahead of the computation, across tiles
-    b0, lhk, hb0, i00 = _tile(pid + cid * nprog, n_ph, NHB, HKV)
+    # load cursor (_fetch), NS blocks ahead of the computation, across tiles
+    b0, lhk, _hblk0, i00 = _tile(pid + cid * nprog, n_ph, NHB, HKV)
     lu = 0
     lb = 0
     ln = _n_blocks(i00, WB, BN)
     lrow = b0 * S + i00 + 1
     for first in gl.static_range(NS):
-        _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, ring + first, lrow - (lb + 1) * BN, lhk, lu < n_mine,
-                    D, DV)
-        lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV, WB, BN)
+        lu, lb, ln, lrow, lhk = _fetch(ring + first, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
+                                      dims, NCONS, BN, D, DV)
 
     jj = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BM, BN], gl.float32, s_layout)
@@ -221,17 +220,15 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
                 fence_async_shared()
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-                _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine,
-                            D, DV)
-                lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV,
-                                                 WB, BN)
+                lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
+                                              dims, NCONS, BN, D, DV)
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
             slot = ring + it % NS
             acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
-            _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine, D, DV)
-            lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV, WB, BN)
+            lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
+                                          dims, NCONS, BN, D, DV)
             it += 1
         else:
             for blk in range(n_blk):
@@ -246,10 +243,8 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
                                     is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 # the slot is free: fetch the consumer's next block into it
-                _load_block(kb_desc, vb_desc, kbuf, vbuf, kv_ready, slot, lrow - (lb + 1) * BN, lhk, lu < n_mine,
-                            D, DV)
-                lu, lb, ln, lrow, lhk = _advance(lu, lb, ln, lrow, lhk, pid, nprog, cid, NCONS, S, n_ph, NHB, HKV,
-                                                 WB, BN)
+                lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
+                                              dims, NCONS, BN, D, DV)
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
 
@@ -258,7 +253,7 @@ def _consumer(cid, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vb
         tt = r % BT
         hg = hblk * BH + r // BT
         rvalid = (hg < GQA) & (tt < WS) & (i0 - tt >= 0)
-        mbarrier.wait(vs_ready.index(vc), ((cid + NCONS * u) if OVERLAP else u) & 1)
+        mbarrier.wait(vs_ready.index(vc), ((cid + NCONS * u) // N_VS) & 1)   # the program's tile k // N_VS
         vs = vsb.load(o_layout).to(gl.float32)
         mbarrier.arrive(vs_empty.index(vc), count=1)
         m_r = gl.where(rvalid, gl.convert_layout(m_i, o_rows), -1.0e30)
@@ -323,33 +318,22 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
     for s in gl.static_range(NCONS * NS):
         mbarrier.init(kv_ready.index(s), count=1)
     # worker partitions take no distributed tensors: each consumer builds its own index vectors
+    outs = (kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1)
+    bufs = (zbuf, vsbuf, kbuf, vbuf, pbuf)
+    bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready)
+    dims = (S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale)
+    ins = (Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2)
     if NCONS == 2:
-        gl.warp_specialize([
-            (_builder, (Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
-                    sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, HKV, GQA, NHB, WS, n_ph, T,
-                    NEG_Z, D, DV, BH, BT, BM, NCONS, OVERLAP)),
-            (_consumer, (0, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
-                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
-                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-            (_consumer, (1, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
-                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
-                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+                            (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP))],
+                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
-        gl.warp_specialize([
-            (_builder, (Q, KS, VS, zbuf, vsbuf, z_ready, z_empty, vs_ready, vs_empty,
-                    sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, HKV, GQA, NHB, WS, n_ph, T,
-                    NEG_Z, D, DV, BH, BT, BM, NCONS, OVERLAP)),
-            (_consumer, (0, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
-                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
-                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-            (_consumer, (1, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
-                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
-                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-            (_consumer, (2, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, zbuf, vsbuf, kbuf, vbuf, pbuf, z_ready, z_empty, vs_ready,
-                      vs_empty, kv_ready, so0, so1, so2, sl0, sl1, S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
-                      D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-        ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+        gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+                            (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
+                            (_consumer, (2, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP))],
+                           [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
 SCOPE = ("bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), contiguous k_b / v_b, 32-bit "
