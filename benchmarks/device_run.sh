@@ -37,7 +37,7 @@ for part in $parts; do
       if python3 -c "import xdist" 2> /dev/null; then workers=(-n "${TEST_WORKERS:-4}"); fi
       # the warp-specialised Gluon prototype first, under a timeout: a wrong barrier phase hangs
       # its kernel, and must not take the rest of the suite with it
-      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_triton.py -k ws_forward 2>&1 \
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE "${workers[@]}" tests/test_triton.py -k ws_forward 2>&1 \
         | tee "$OUT/gpu-tests-ws.log" | tail -5
       python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=15 "${workers[@]}" -k "not ws_forward" tests/ 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -40 ;;

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from twosimplicial.ops import two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.naive import naive_two_simplicial_attention  # noqa: E402
+from twosimplicial.ops.triton.common import pack_rows  # noqa: E402
 from twosimplicial.ops.triton.fwd import clean_values, two_simplicial_fwd  # noqa: E402
 from twosimplicial.ops.triton.op import is_available, triton_two_simplicial  # noqa: E402
 
@@ -335,9 +336,11 @@ def test_gpu_tf32_follows_torch_flag():
 
 # the warp-specialised Gluon forward (fwd_ws.py, not dispatched): its knobs per head dim (three
 # consumers and three stages fit the shared memory only at D = 64)
-WS_VARIANTS = {128: {"c2": {}, "overlap": {"overlap": True}},
+WS_SHARE = {"share": {"share": True}, "share-bn128": {"share": True, "block_n": 128},
+            "share-overlap-s3": {"share": True, "overlap": True, "stages": 3}}
+WS_VARIANTS = {128: {"c2": {}, "overlap": {"overlap": True}, **WS_SHARE},
                64: {"c2": {}, "c2s3": {"stages": 3}, "c3": {"consumers": 3}, "c3s3": {"consumers": 3, "stages": 3},
-                    "c3-overlap": {"consumers": 3, "overlap": True}}}
+                    "c3-overlap": {"consumers": 3, "overlap": True}, **WS_SHARE}}
 # (B, S, Hq, Hkv, D, w1, w2, scale, dtype): GQA-8 (persistent grid of many tiles); head blocks
 # partly past the kv group (3 query heads per kv head) and S not a multiple of any block, with a
 # negative scale; a non-finite value (fp16); windows past S; a window of one big key
@@ -360,12 +363,20 @@ def test_gpu_ws_forward_matches_the_triton_forward(case):
     ro, rl = chunked_two_simplicial_attention(*(t.double() for t in inputs), w1, w2, scale)
     fin = torch.isfinite(ro)
     assert rel(o0[fin], ro[fin]) < 1e-2
+    BI, BH, BT = pack_rows(64, Hq // Hkv, min(w1, w2))
     for name, knobs in WS_VARIANTS[D].items():
+        if knobs.get("share") and -(-Hq // Hkv // BH) % 2:      # an odd number of head blocks
+            with pytest.raises(ValueError, match="share: pairs of head blocks"):
+                two_simplicial_fwd(*inputs, w1, w2, scale, False, config={"ws": knobs})
+            continue
         out = torch.full_like(o0, 7.0)                   # poison: every element written?
         o, lse = two_simplicial_fwd(*inputs, w1, w2, scale, False, config={"ws": knobs})
         out.copy_(o)
         assert torch.equal(out.isnan(), o0.isnan()), name
-        assert rel(out[fin], o0[fin]) < 1e-6 and rel(lse, l0) < 1e-6, name
+        if knobs.get("block_n", 64) == 64:               # the Triton forward's blocks: the same sums
+            assert rel(out[fin], o0[fin]) < 1e-6 and rel(lse, l0) < 1e-6, name
+        else:
+            assert rel(out[fin], ro[fin]) < 1e-2 and rel(lse, rl) < 1e-3, name
 
 
 def test_ws_forward_refuses_problems_outside_its_scope_and_bad_knobs():
@@ -374,7 +385,9 @@ def test_ws_forward_refuses_problems_outside_its_scope_and_bad_knobs():
         two_simplicial_fwd(*inputs, 8, 4, 0.25, False, config={"ws": {}})
     from twosimplicial.ops.triton.fwd_ws import canonical_fwd_ws
     for knobs, match in (({"consumers": 4}, "consumers: expected 2 or 3"),
-                         ({"stages": 1}, "stages: expected at least 2")):
+                         ({"stages": 1}, "stages: expected at least 2"),
+                         ({"block_n": 32}, "block_n: expected 64 or 128"),
+                         ({"share": True, "consumers": 3}, "share: a ring shared by a pair of tiles takes 2")):
         with pytest.raises(ValueError, match=match):
             canonical_fwd_ws(None, *inputs, None, 0.25, **knobs)
 

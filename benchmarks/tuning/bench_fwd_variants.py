@@ -82,6 +82,13 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "ws-c3": dict(ws={"consumers": 3}),
     "ws-c3s3": dict(ws={"consumers": 3, "stages": 3}),
     "ws-overlap": dict(ws={"overlap": True}),
+    # ... with the two consumers on a pair of head blocks of one position, reading one ring
+    "ws-share": dict(ws={"share": True}),
+    "ws-share-s3": dict(ws={"share": True, "stages": 3}),
+    "ws-share-bn128": dict(ws={"share": True, "block_n": 128}),
+    "ws-share-bn128-216": dict(ws={"share": True, "block_n": 128, "consumer_regs": 216}),
+    "ws-share-overlap": dict(ws={"share": True, "overlap": True}),
+    "ws-share-overlap-s3": dict(ws={"share": True, "overlap": True, "stages": 3}),
 }
 
 

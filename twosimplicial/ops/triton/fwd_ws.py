@@ -57,42 +57,49 @@ def _n_blocks(i0, WB, BN: gl.constexpr):
 
 
 @gluon.jit
+def _gather(ins, b, hk, hblk, i0, GQA, WS, D: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
+            BM: gl.constexpr, VALUES: gl.constexpr, NEG_Z: gl.constexpr):
+    """A tile's ``z`` (one rounding to the input dtype), or with ``VALUES`` its ``v_s`` rows
+    (``D`` is then the value head dim), in the builder's layout."""
+    Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2 = ins
+    TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
+    r = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    dd = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    tt = r % BT
+    hg = hblk * BH + r // BT
+    l = i0 - tt
+    ok = ((hg < GQA) & (tt < WS) & (l >= 0))[:, None]
+    if VALUES:
+        return gl.load(VS + b * svs0 + l[:, None] * svs1 + hk * svs2 + dd[None, :], mask=ok, other=0.0)
+    q = gl.load(Q + b * sq0 + i0 * sq1 + (hk * GQA + hg)[:, None] * sq2 + dd[None, :], mask=ok,
+                other=0.0).to(gl.float32)
+    ks = gl.load(KS + b * sks0 + l[:, None] * sks1 + hk * sks2 + dd[None, :], mask=ok, other=0.0).to(gl.float32)
+    if NEG_Z:
+        ks = -ks
+    return (ks * q).to(Q.dtype.element_ty)
+
+
+@gluon.jit
 def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr,
              BT: gl.constexpr, BM: gl.constexpr, NCONS: gl.constexpr):
     """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffers of
     the consumer that takes each (``k % NCONS``), once that consumer has released them (with
     one ``v_s`` buffer, it serves the consumers in turn, released by each merge)."""
-    Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2 = ins
     zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready = bars
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     N_VS: gl.constexpr = vsbuf.type.shape[0]
-    TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     n_local = (T - pid + nprog - 1) // nprog
-    r = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    dd = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-    ee = gl.arange(0, DV, layout=gl.SliceLayout(0, layout))
-    tt = r % BT
-    hh = r // BT
     for k in range(n_local):
         c = k % NCONS
         ph = (k // NCONS) & 1
         b, hk, hblk, i0 = _tile(pid + k * nprog, n_ph, NHB, HKV)
         b = b.to(gl.int64)
-        hg = hblk * BH + hh
-        l = i0 - tt
-        ok = (hg < GQA) & (tt < WS) & (l >= 0)
-        q = gl.load(Q + b * sq0 + i0 * sq1 + (hk * GQA + hg)[:, None] * sq2 + dd[None, :], mask=ok[:, None],
-                    other=0.0).to(gl.float32)
-        ks = gl.load(KS + b * sks0 + l[:, None] * sks1 + hk * sks2 + dd[None, :], mask=ok[:, None],
-                     other=0.0).to(gl.float32)
-        vs = gl.load(VS + b * svs0 + l[:, None] * svs1 + hk * svs2 + ee[None, :], mask=ok[:, None], other=0.0)
-        if NEG_Z:
-            ks = -ks
-        z = (ks * q).to(vs.dtype)
+        z = _gather(ins, b, hk, hblk, i0, GQA, WS, D, BH, BT, BM, False, NEG_Z)
+        vs = _gather(ins, b, hk, hblk, i0, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
         # barriers start in phase 0: waiting on phase 1 of an "empty" barrier passes at once
         mbarrier.wait(z_empty.index(c), ph ^ 1)
         zbuf.index(c).store(z)
@@ -102,6 +109,50 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
         mbarrier.wait(vs_empty.index(vc), ((k // N_VS) & 1) ^ 1)
         vsbuf.index(vc).store(vs)
         mbarrier.arrive(vs_ready.index(vc), count=1)
+
+
+@gluon.jit
+def _builder_pair(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+                  BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr):
+    """Default partition with ``SHARE``: the program walks pairs of tiles (head blocks ``2h``,
+    ``2h + 1`` of one position, which see the same keys), one per consumer. Per pair: both
+    tiles' ``z`` (gathered while the consumers finish the previous pair, stored once each has
+    issued its last ``S`` of it), then the pair's key / value blocks into the one ring both
+    consumers read, each slot refilled once both have released it; the tiles' ``v_s`` after the
+    first ``NS`` blocks are in flight (the consumers release ``v_s`` in the previous pair's merge)."""
+    kb_desc, vb_desc = outs[0], outs[1]
+    zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty = bars
+    S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_pairs = (T // 2 - pid + nprog - 1) // nprog
+    it = 0
+    for u in range(n_pairs):
+        b, hk, hblk, i0 = _tile(2 * (pid + u * nprog), n_ph, NHB, HKV)
+        b64 = b.to(gl.int64)
+        for c in gl.static_range(2):
+            z = _gather(ins, b64, hk, hblk + c, i0, GQA, WS, D, BH, BT, BM, False, NEG_Z)
+            mbarrier.wait(z_empty.index(c), (u & 1) ^ 1)   # the consumer's last S of the previous pair
+            zbuf.index(c).store(z)
+            fence_async_shared()
+            mbarrier.arrive(z_ready.index(c), count=1)
+        n_blk = _n_blocks(i0, WB, BN)
+        row = b * S + i0 + 1 - BN                   # block k: keys [i0 + 1 - (k + 1) BN, i0 + 1 - k BN)
+        for blk in range(n_blk):
+            slot = it % NS
+            bar = kv_ready.index(slot)
+            mbarrier.wait(kv_empty.index(slot), ((it // NS) & 1) ^ 1)
+            mbarrier.expect(bar, kb_desc.block_type.nbytes + vb_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(kb_desc, [row - blk * BN, hk * D], bar, kbuf.index(slot))
+            tma.async_copy_global_to_shared(vb_desc, [row - blk * BN, hk * DV], bar, vbuf.index(slot))
+            it += 1
+            if blk == gl.minimum(n_blk, NS) - 1:
+                for c in gl.static_range(2):
+                    vs = _gather(ins, b64, hk, hblk + c, i0, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
+                    mbarrier.wait(vs_empty.index(c), (u & 1) ^ 1)
+                    vsbuf.index(c).store(vs)
+                    mbarrier.arrive(vs_ready.index(c), count=1)
 
 
 @gluon.jit
@@ -123,10 +174,34 @@ def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bar
     if lb == ln:
         lu += 1
         lb = 0
-        b, lhk, hblk, i0 = _tile(pid + (cid + NCONS * lu) * nprog, n_ph, NHB, HKV)
+        b, lhk, hblk, i0 = _tile(_my_tile(lu, pid, nprog, cid, NCONS, False), n_ph, NHB, HKV)
         ln = _n_blocks(i0, WB, BN)
         lrow = b * S + i0 + 1
     return lu, lb, ln, lrow, lhk
+
+
+@gluon.jit
+def _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars, dims, NCONS: gl.constexpr,
+             BN: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, SHARE: gl.constexpr):
+    """The consumer is done with ring ``slot``: with a shared ring, tell the builder (who refills
+    it once both consumers have); with its own ring, refill it (:func:`_fetch`)."""
+    if SHARE:
+        mbarrier.arrive(bars[5].index(slot), count=1)
+    else:
+        lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars, dims,
+                                      NCONS, BN, D, DV)
+    return lu, lb, ln, lrow, lhk
+
+
+@gluon.jit
+def _my_tile(u, pid, nprog, cid, NCONS: gl.constexpr, SHARE: gl.constexpr):
+    """Index of the consumer's ``u``-th tile: of pair ``pid + u nprog`` with ``SHARE``, else the
+    program's tile ``cid + NCONS u``."""
+    if SHARE:
+        g = 2 * (pid + u * nprog) + cid
+    else:
+        g = pid + (cid + NCONS * u) * nprog
+    return g
 
 
 @gluon.jit
@@ -144,12 +219,13 @@ def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
 def _consumer(cid, outs, bufs, bars, dims,
               D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr,
-              OVERLAP: gl.constexpr):
-    """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``. The
-    kernel's tensors, buffers, barriers and sizes come packed, as :func:`_fwd_ws_kernel` makes them."""
+              OVERLAP: gl.constexpr, SHARE: gl.constexpr):
+    """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``, or with
+    ``SHARE`` tile ``cid`` of each of the program's pairs. The kernel's tensors, buffers, barriers
+    and sizes come packed, as :func:`_fwd_ws_kernel` makes them."""
     kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1 = outs
     zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready = bars
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     NQ: gl.constexpr = BM // BT
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
@@ -160,28 +236,33 @@ def _consumer(cid, outs, bufs, bars, dims,
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     n_local = (T - pid + nprog - 1) // nprog
-    n_mine = (n_local - cid + NCONS - 1) // NCONS
+    if SHARE:
+        n_mine = (T // 2 - pid + nprog - 1) // nprog
+        ring = 0
+    else:
+        n_mine = (n_local - cid + NCONS - 1) // NCONS
+        ring = cid * NS
     zb = zbuf.index(cid)
     N_VS: gl.constexpr = vsbuf.type.shape[0]       # one per consumer, or one they share in turn
     vc = cid % N_VS
     vsb = vsbuf.index(vc)
-    ring = cid * NS
 
-    # load cursor (_fetch), NS blocks ahead of the computation, across tiles
-    b0, lhk, _hblk0, i00 = _tile(pid + cid * nprog, n_ph, NHB, HKV)
+    # load cursor (_fetch) of a consumer's own ring, NS blocks ahead of the computation, across tiles
+    b0, lhk, _hblk0, i00 = _tile(_my_tile(0, pid, nprog, cid, NCONS, SHARE), n_ph, NHB, HKV)
     lu = 0
     lb = 0
     ln = _n_blocks(i00, WB, BN)
     lrow = b0 * S + i00 + 1
-    for first in gl.static_range(NS):
-        lu, lb, ln, lrow, lhk = _fetch(ring + first, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
-                                      dims, NCONS, BN, D, DV)
+    if not SHARE:
+        for first in gl.static_range(NS):
+            lu, lb, ln, lrow, lhk = _fetch(ring + first, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
+                                          bars, dims, NCONS, BN, D, DV)
 
     jj = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BM, BN], gl.float32, s_layout)
     it = 0
     for u in range(n_mine):
-        b, hk, hblk, i0 = _tile(pid + (cid + NCONS * u) * nprog, n_ph, NHB, HKV)
+        b, hk, hblk, i0 = _tile(_my_tile(u, pid, nprog, cid, NCONS, SHARE), n_ph, NHB, HKV)
         n_blk = _n_blocks(i0, WB, BN)
         full_lo = gl.maximum(i0 + 1 - WB, 0)
         n_full = gl.minimum(gl.maximum(i0 + 1 - full_lo, 0) // BN, n_blk)
@@ -220,15 +301,15 @@ def _consumer(cid, outs, bufs, bars, dims,
                 fence_async_shared()
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-                lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
-                                              dims, NCONS, BN, D, DV)
+                lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
+                                                bars, dims, NCONS, BN, D, DV, SHARE)
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
             slot = ring + it % NS
             acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
-            lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
-                                          dims, NCONS, BN, D, DV)
+            lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
+                                            dims, NCONS, BN, D, DV, SHARE)
             it += 1
         else:
             for blk in range(n_blk):
@@ -243,8 +324,8 @@ def _consumer(cid, outs, bufs, bars, dims,
                                     is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 # the slot is free: fetch the consumer's next block into it
-                lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
-                                              dims, NCONS, BN, D, DV)
+                lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
+                                                bars, dims, NCONS, BN, D, DV, SHARE)
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
 
@@ -293,46 +374,54 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
                    S, HKV, GQA, NHB, WS, WB, T, qk_scale,
                    NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
                    BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr, OVERLAP: gl.constexpr,
-                   z_layout: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                   SHARE: gl.constexpr, z_layout: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     n_ph = S * NHB                                 # tiles per (batch, kv head): BI = 1
     dtype: gl.constexpr = Q.dtype.element_ty
     zbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, D], z_layout)
     vs_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, DV], dtype)
-    N_VS: gl.constexpr = 1 if OVERLAP else NCONS   # v_s buffers: one, shared in turn, beside two P buffers each
+    # v_s buffers: one, shared in turn, beside two P buffers per consumer (each its own ring)
+    N_VS: gl.constexpr = 1 if OVERLAP and not SHARE else NCONS
     vsbuf = gl.allocate_shared_memory(dtype, [N_VS, BM, DV], vs_layout)
-    kbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, D], kb_desc.layout)
-    vbuf = gl.allocate_shared_memory(dtype, [NCONS * NS, BN, DV], vb_desc.layout)
-    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
-    pbuf = gl.allocate_shared_memory(dtype, [2 * NCONS if OVERLAP else 1, BM, BN], p_layout)
+    N_KV: gl.constexpr = NS if SHARE else NCONS * NS
+    kbuf = gl.allocate_shared_memory(dtype, [N_KV, BN, D], kb_desc.layout)
+    vbuf = gl.allocate_shared_memory(dtype, [N_KV, BN, DV], vb_desc.layout)
+    if OVERLAP:                                    # P of two blocks per consumer (FA3's order)
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
+        pbuf = gl.allocate_shared_memory(dtype, [2 * NCONS, BM, BN], p_layout)
+    else:                                          # P stays in registers: no buffer (a stand-in)
+        pbuf = zbuf
     z_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
     z_empty = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
     vs_ready = gl.allocate_shared_memory(gl.int64, [N_VS, 1], mbarrier.MBarrierLayout())
     vs_empty = gl.allocate_shared_memory(gl.int64, [N_VS, 1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [NCONS * NS, 1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [N_KV, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [N_KV, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(NCONS):
         mbarrier.init(z_ready.index(c), count=1)
         mbarrier.init(z_empty.index(c), count=1)
     for c in gl.static_range(N_VS):
         mbarrier.init(vs_ready.index(c), count=1)
         mbarrier.init(vs_empty.index(c), count=1)
-    for s in gl.static_range(NCONS * NS):
+    for s in gl.static_range(N_KV):
         mbarrier.init(kv_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=NCONS)    # released by every consumer (shared ring)
     # worker partitions take no distributed tensors: each consumer builds its own index vectors
     outs = (kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1)
     bufs = (zbuf, vsbuf, kbuf, vbuf, pbuf)
-    bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready)
+    bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty)
     dims = (S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale)
     ins = (Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2)
-    if NCONS == 2:
+    if SHARE:                                      # two consumers (canonical_fwd_ws checks)
+        gl.warp_specialize([(_builder_pair, (ins, outs, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, BN, NS)),
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE))],
+                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    elif NCONS == 2:
         gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-                            (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP))],
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-                            (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP)),
-                            (_consumer, (2, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP))],
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (2, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE))],
                            [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -355,18 +444,25 @@ def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
 
 
 def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_programs: int | None = None,
-                     consumers: int = 2, stages: int = NS, overlap: bool = False, consumer_regs: int | None = None,
-                     maxnreg: int | None = None):
+                     consumers: int = 2, stages: int = NS, overlap: bool = False, share: bool = False,
+                     block_n: int = BN, consumer_regs: int | None = None, maxnreg: int | None = None):
     """:func:`.fwd.canonical_fwd` for problems in this module's scope (:func:`supports`). Knobs:
-    ``consumers`` (2 or 3), ``stages`` (key / value blocks per consumer ring), ``overlap`` (FA3's
-    order, P through two shared-memory buffers per consumer and one ``v_s`` buffer shared by the
-    consumers in turn), the consumers' registers and the kernel's ``maxnreg``. Past D = 64 only
+    ``consumers`` (2 or 3), ``stages`` (key / value blocks per ring), ``overlap`` (FA3's
+    order, P through two shared-memory buffers per consumer and, without ``share``, one ``v_s``
+    buffer shared by the consumers in turn), ``share`` (two consumers on the two tiles of a pair
+    of head blocks, reading one ring that the builder fills: each key block loaded once for 128
+    rows), ``block_n`` (keys per block, 64 or 128), the consumers' registers and the kernel's
+    ``maxnreg``. Past D = 64 only
     two consumers with two stages fit the shared memory (triton raises ``OutOfResources`` for
     the others)."""
     if consumers not in (2, 3):
         raise ValueError(f"consumers: expected 2 or 3, got {consumers}")
     if stages < 2:                 # FA3's order waits for block k + 1 while block k's slot is in use
         raise ValueError(f"stages: expected at least 2 key / value blocks per ring, got {stages}")
+    if block_n not in (64, 128):
+        raise ValueError(f"block_n: expected 64 or 128 keys per block, got {block_n}")
+    if share and consumers != 2:
+        raise ValueError(f"share: a ring shared by a pair of tiles takes 2 consumers, got {consumers}")
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
     out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
@@ -374,22 +470,26 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
         return out, lse
     BI, BH, BT = pack_rows(BM, plan.gqa, ws)
     NHB = triton.cdiv(plan.gqa, BH)
+    if share and NHB % 2:
+        raise ValueError(f"share: pairs of head blocks of one position need an even number of head blocks per kv "
+                         f"group; {plan.gqa} query heads per kv head in blocks of {BH} give {NHB}")
     T = S * NHB * B * Hkv
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    k_layout = gl.NVMMASharedLayout.get_default_for([BN, D], gdt)
-    v_layout = gl.NVMMASharedLayout.get_default_for([BN, Dv], gdt)
+    k_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], gdt)
+    v_layout = gl.NVMMASharedLayout.get_default_for([block_n, Dv], gdt)
     # 2-D views [B * S, Hkv * D]: a block that starts before its batch's first row reads the
     # previous batch's rows (or zeros before row 0); the window mask drops them
-    kb_desc = TensorDescriptor(kb, [B * S, Hkv * D], [Hkv * D, 1], [BN, D], k_layout)
-    vb_desc = TensorDescriptor(vb, [B * S, Hkv * Dv], [Hkv * Dv, 1], [BN, Dv], v_layout)
+    kb_desc = TensorDescriptor(kb, [B * S, Hkv * D], [Hkv * D, 1], [block_n, D], k_layout)
+    vb_desc = TensorDescriptor(vb, [B * S, Hkv * Dv], [Hkv * Dv, 1], [block_n, Dv], v_layout)
     neg_z, qk_scale = z_scaling(scale)
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-    grid = (min(T, num_programs or n_sm),)
+    grid = (min(T // 2 if share else T, num_programs or n_sm),)
     _fwd_ws_kernel[grid](
         q, ks, vs, kb_desc, vb_desc, out, lse, *counts,
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
         S, Hkv, plan.gqa, NHB, ws, wb, T, qk_scale,
-        NEG_Z=neg_z, D=D, DV=Dv, BH=BH, BT=BT, BM=BM, BN=BN, NS=stages, NCONS=consumers, OVERLAP=overlap,
+        NEG_Z=neg_z, D=D, DV=Dv, BH=BH, BT=BT, BM=BM, BN=block_n, NS=stages, NCONS=consumers, OVERLAP=overlap,
+        SHARE=share,
         z_layout=gl.NVMMASharedLayout.get_default_for([BM, D], gdt),
         CONSUMER_REGS=consumer_regs or (200 if consumers == 2 else 144),
         num_warps=4, maxnreg=maxnreg or (168 if consumers == 2 else 128))
