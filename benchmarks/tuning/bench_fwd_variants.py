@@ -89,6 +89,9 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "ws-share-bn128-216": dict(ws={"share": True, "block_n": 128, "consumer_regs": 216}),
     "ws-share-overlap": dict(ws={"share": True, "overlap": True}),
     "ws-share-overlap-s3": dict(ws={"share": True, "overlap": True, "stages": 3}),
+    "ws-pingpong": dict(ws={"share": True, "overlap": True, "pingpong": True}),
+    "ws-pingpong-s3": dict(ws={"share": True, "overlap": True, "pingpong": True, "stages": 3}),
+    "ws-pingpong-bn128": dict(ws={"share": True, "overlap": True, "pingpong": True, "block_n": 128}),
 }
 
 

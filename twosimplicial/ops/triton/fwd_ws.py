@@ -87,7 +87,7 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
     the consumer that takes each (``k % NCONS``), once that consumer has released them (with
     one ``v_s`` buffer, it serves the consumers in turn, released by each merge)."""
     zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty = bars
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     N_VS: gl.constexpr = vsbuf.type.shape[0]
     pid = gl.program_id(0)
@@ -122,7 +122,7 @@ def _builder_pair(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.conste
     first ``NS`` blocks are in flight (the consumers release ``v_s`` in the previous pair's merge)."""
     kb_desc, vb_desc = outs[0], outs[1]
     zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty = bars
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -205,6 +205,22 @@ def _my_tile(u, pid, nprog, cid, NCONS: gl.constexpr, SHARE: gl.constexpr):
 
 
 @gluon.jit
+def _issue_turn(turn, cid, g, PINGPONG: gl.constexpr):
+    """With ``PINGPONG``, wait until the other consumer has issued its products of group ``g - 1``
+    (consumer 0 goes first), so that the two consumers' products reach the tensor cores in turn
+    and one's softmax runs while the other's products do (FA3's ping-pong)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(cid), (g + 1 - cid) & 1)
+
+
+@gluon.jit
+def _pass_turn(turn, cid, PINGPONG: gl.constexpr):
+    """With ``PINGPONG``: this consumer's group of products is issued; the other's turn."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - cid), count=1)
+
+
+@gluon.jit
 def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
     """Online softmax (base 2) of one block of logits ``s``: (p, alpha, m, l)."""
     if masked:                                         # the window's left edge (or the sequence start)
@@ -219,13 +235,13 @@ def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
 def _consumer(cid, outs, bufs, bars, dims,
               D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr,
-              OVERLAP: gl.constexpr, SHARE: gl.constexpr):
+              OVERLAP: gl.constexpr, SHARE: gl.constexpr, PINGPONG: gl.constexpr):
     """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``, or with
     ``SHARE`` tile ``cid`` of each of the program's pairs. The kernel's tensors, buffers, barriers
     and sizes come packed, as :func:`_fwd_ws_kernel` makes them."""
     kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1 = outs
     zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty = bars
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     NQ: gl.constexpr = BM // BT
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
@@ -260,7 +276,8 @@ def _consumer(cid, outs, bufs, bars, dims,
 
     jj = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BM, BN], gl.float32, s_layout)
-    it = 0
+    it = 0                                          # blocks consumed
+    tg = 0                                          # groups of products issued (PINGPONG)
     for u in range(n_mine):
         b, hk, hblk, i0 = _tile(_my_tile(u, pid, nprog, cid, NCONS, SHARE), n_ph, NHB, HKV)
         n_blk = _n_blocks(i0, WB, BN)
@@ -278,11 +295,17 @@ def _consumer(cid, outs, bufs, bars, dims,
             # register operand its registers would be rewritten by the next softmax while the
             # product still reads them; and P of block k + 1 is stored before the wait for P V
             # of block k, so that ptxas has no reason to sink the softmax below that wait
+            # (with PINGPONG the groups of products issued together, S of block 0, then S of
+            # block k + 1 with P V of block k, then P V of the last block, alternate between
+            # the consumers: both walk the same blocks, so both issue n_blk + 1 groups per pair)
             ring2 = 2 * cid
             pb = ring2
             slot = ring + it % NS
             mbarrier.wait(kv_ready.index(slot), (it // NS) & 1)
+            _issue_turn(turn, cid, tg, PINGPONG)
             s = warpgroup_mma(zb, kbuf.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            _pass_turn(turn, cid, PINGPONG)
+            tg += 1
             s = warpgroup_mma_wait(0, deps=(s, ))
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, 0 >= n_full, j_top, j_min, qk_scale)
             pbuf.index(pb).store(p.to(zbuf.dtype))
@@ -291,8 +314,11 @@ def _consumer(cid, outs, bufs, bars, dims,
                 slot = ring + it % NS
                 nxt = ring + (it + 1) % NS
                 mbarrier.wait(kv_ready.index(nxt), ((it + 1) // NS) & 1)
+                _issue_turn(turn, cid, tg, PINGPONG)
                 s = warpgroup_mma(zb, kbuf.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
+                _pass_turn(turn, cid, PINGPONG)
+                tg += 1
                 s = warpgroup_mma_wait(1, deps=(s, ))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk + 1 >= n_full, j_top - (blk + 1) * BN, j_min,
                                                     qk_scale)
@@ -306,7 +332,10 @@ def _consumer(cid, outs, bufs, bars, dims,
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
             slot = ring + it % NS
+            _issue_turn(turn, cid, tg, PINGPONG)
             acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
+            _pass_turn(turn, cid, PINGPONG)
+            tg += 1
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
                                             dims, NCONS, BN, D, DV, SHARE)
@@ -374,7 +403,8 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
                    S, HKV, GQA, NHB, WS, WB, T, qk_scale,
                    NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
                    BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr, OVERLAP: gl.constexpr,
-                   SHARE: gl.constexpr, z_layout: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                   SHARE: gl.constexpr, PINGPONG: gl.constexpr, z_layout: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr):
     n_ph = S * NHB                                 # tiles per (batch, kv head): BI = 1
     dtype: gl.constexpr = Q.dtype.element_ty
     zbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, D], z_layout)
@@ -402,26 +432,29 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
     for c in gl.static_range(N_VS):
         mbarrier.init(vs_ready.index(c), count=1)
         mbarrier.init(vs_empty.index(c), count=1)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(turn.index(c), count=1)
     for s in gl.static_range(N_KV):
         mbarrier.init(kv_ready.index(s), count=1)
         mbarrier.init(kv_empty.index(s), count=NCONS)    # released by every consumer (shared ring)
     # worker partitions take no distributed tensors: each consumer builds its own index vectors
     outs = (kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1)
     bufs = (zbuf, vsbuf, kbuf, vbuf, pbuf)
-    bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty)
+    bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn)
     dims = (S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale)
     ins = (Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2)
     if SHARE:                                      # two consumers (canonical_fwd_ws checks)
         gl.warp_specialize([(_builder_pair, (ins, outs, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, BN, NS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE))],
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     elif NCONS == 2:
         gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE))],
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE)), (_consumer, (2, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE))],
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (2, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG))],
                            [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -445,13 +478,14 @@ def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
 
 def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_programs: int | None = None,
                      consumers: int = 2, stages: int = NS, overlap: bool = False, share: bool = False,
-                     block_n: int = BN, consumer_regs: int | None = None, maxnreg: int | None = None):
+                     pingpong: bool = False, block_n: int = BN, consumer_regs: int | None = None, maxnreg: int | None = None):
     """:func:`.fwd.canonical_fwd` for problems in this module's scope (:func:`supports`). Knobs:
     ``consumers`` (2 or 3), ``stages`` (key / value blocks per ring), ``overlap`` (FA3's
     order, P through two shared-memory buffers per consumer and, without ``share``, one ``v_s``
     buffer shared by the consumers in turn), ``share`` (two consumers on the two tiles of a pair
     of head blocks, reading one ring that the builder fills: each key block loaded once for 128
-    rows), ``block_n`` (keys per block, 64 or 128), the consumers' registers and the kernel's
+    rows), ``pingpong`` (with ``share`` and ``overlap``: the consumers issue their products in
+    turn), ``block_n`` (keys per block, 64 or 128), the consumers' registers and the kernel's
     ``maxnreg``. Past D = 64 only
     two consumers with two stages fit the shared memory (triton raises ``OutOfResources`` for
     the others)."""
@@ -463,6 +497,9 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
         raise ValueError(f"block_n: expected 64 or 128 keys per block, got {block_n}")
     if share and consumers != 2:
         raise ValueError(f"share: a ring shared by a pair of tiles takes 2 consumers, got {consumers}")
+    if pingpong and not (share and overlap):
+        raise ValueError("pingpong: the consumers alternate their products only with share=True and overlap=True "
+                         f"(both then walk the same blocks); got share={share}, overlap={overlap}")
     B, S, Hq, Hkv, D, Dv, ws, wb = plan.B, plan.S, plan.Hq, plan.Hkv, plan.D, plan.Dv, plan.ws, plan.wb
     out = torch.empty((B, S, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
@@ -489,7 +526,7 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
         S, Hkv, plan.gqa, NHB, ws, wb, T, qk_scale,
         NEG_Z=neg_z, D=D, DV=Dv, BH=BH, BT=BT, BM=BM, BN=block_n, NS=stages, NCONS=consumers, OVERLAP=overlap,
-        SHARE=share,
+        SHARE=share, PINGPONG=pingpong,
         z_layout=gl.NVMMASharedLayout.get_default_for([BM, D], gdt),
         CONSUMER_REGS=consumer_regs or (200 if consumers == 2 else 144),
         num_warps=4, maxnreg=maxnreg or (168 if consumers == 2 else 128))
