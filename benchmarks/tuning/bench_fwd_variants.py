@@ -75,23 +75,21 @@ VARIANTS = {  # name: config overrides of fwd_config ({} = the defaults)
     "narrow": dict(edge_dot=False),
     # v_s rows loaded after the key loop instead of with q and k_s
     "nopf": dict(prefetch_vs=False),
-    # the warp-specialised Gluon prototype (fwd_ws.py; one-position tiles only): two or three
+    # the warp-specialised Gluon prototype (fwd_ws.py; small windows of one tile): two or three
     # consumer warpgroups, rings of 2 or 3 blocks, FA3's order (P V in flight during the softmax)
     "ws": dict(ws={}),
     "ws-s3": dict(ws={"stages": 3}),
     "ws-c3": dict(ws={"consumers": 3}),
     "ws-c3s3": dict(ws={"consumers": 3, "stages": 3}),
     "ws-overlap": dict(ws={"overlap": True}),
-    # ... with the two consumers on a pair of head blocks of one position, reading one ring
+    # ... with the two consumers on a pair of tiles that see the same keys, reading one ring
+    # (pingpong: and issuing their products in turn)
     "ws-share": dict(ws={"share": True}),
     "ws-share-s3": dict(ws={"share": True, "stages": 3}),
     "ws-share-bn128": dict(ws={"share": True, "block_n": 128}),
-    "ws-share-bn128-216": dict(ws={"share": True, "block_n": 128, "consumer_regs": 216}),
     "ws-share-overlap": dict(ws={"share": True, "overlap": True}),
-    "ws-share-overlap-s3": dict(ws={"share": True, "overlap": True, "stages": 3}),
     "ws-pingpong": dict(ws={"share": True, "overlap": True, "pingpong": True}),
     "ws-pingpong-s3": dict(ws={"share": True, "overlap": True, "pingpong": True, "stages": 3}),
-    "ws-pingpong-bn128": dict(ws={"share": True, "overlap": True, "pingpong": True, "block_n": 128}),
 }
 
 

@@ -1,4 +1,4 @@
-"""Warp-specialised forward (Gluon, Hopper): a prototype of the issue-18 lead, for one-position tiles.
+"""Warp-specialised forward (Gluon, Hopper): a prototype of the issue-18 lead.
 
 Same math and tile as :mod:`.fwd` (virtual rows ``z[i, t] = q_i * k_s[i - t]`` against the big
 window, the offsets of a query merged as split-KV decoding merges its splits), same outputs
@@ -8,17 +8,23 @@ window, the offsets of a query merged as split-KV decoding merges its splits), s
   next tile of each consumer, forms ``z`` (one rounding to the input dtype) and writes ``z`` and
   ``v_s`` to shared memory: the gathers and the products that were each tile's fixed cost leave
   the consumers' instruction streams;
-- ``NCONS`` (2 or 3) *consumers* (4 warps each, one warpgroup) walk the program's tiles in turn
-  (consumer ``c`` takes the program's tiles ``c, c + NCONS, ...``), each with its own ring of
-  ``NS`` key / value blocks that it refills itself through the copy engine, across tile
-  boundaries (the grid is persistent), so that the next tile's first blocks are in flight during
-  the merge. The consumers alternate on the tensor cores as programs per SM do in :mod:`.fwd`;
-  with ``OVERLAP`` each also runs a block's softmax while the previous block's ``P V`` is in
-  flight (FA3's order).
+- ``NCONS`` (2 or 3) *consumers* (4 warps each, one warpgroup) walk the program's work units
+  over a persistent grid. A unit is one tile (consumer ``c`` takes the program's units ``c, c +
+  NCONS, ...`` and refills its own ring of ``NS`` key / value blocks through the copy engine,
+  across tile boundaries), or with ``PAIRS`` a pair of tiles that see the same keys, one per
+  consumer, whose key / value blocks the builder loads once into one ring that both read: two
+  head blocks of one position (``PAIRS == 1``, GQA) or two neighbouring position blocks
+  (``PAIRS == 2``, the pair's window one block wider than a tile's at most). Each key block is
+  then read from L2 once per 128 rows instead of once per 64. With ``OVERLAP`` each consumer
+  runs a block's softmax while the previous block's ``P V`` is in flight (FA3's order), and with
+  ``PINGPONG`` the two consumers of a pair issue their products in turn.
 
-Scope (:data:`SCOPE`, :func:`supports`): one-position tiles (``BI == 1``, e.g. GQA-64 or
-4 query heads per kv head at windows (512, 32)), one offset chunk (``ws <= BT``), the trilinear
-form, 16-bit inputs, head dims 64 or 128, contiguous ``[B, S, H, D]`` keys and values. Not
+Key blocks of a unit (positions ``first .. last``) are anchored at ``last + 1`` and walk left;
+the blocks holding keys past some row's position (the first ``ceil((last - first) / BN)``) and
+those past the left edge of some row's window are masked, the others run unmasked.
+
+Scope (:data:`SCOPE`, :func:`supports`): one offset chunk (``ws <= BT``), the trilinear form,
+16-bit inputs, head dims 64 or 128, contiguous ``[B, S, H, D]`` keys and values. Not
 dispatched: ``config={"ws": {...}}`` of :func:`.fwd.two_simplicial_fwd` runs it, for tests and
 benchmarks (docs/kernels.md, The warp-specialised forward).
 """
@@ -42,37 +48,62 @@ NS = 2         # key / value blocks in flight per consumer
 
 
 @gluon.jit
-def _tile(g, n_ph, NHB, HKV):
-    """(b, hk, hblk, i0) of tile ``g`` in the order of :mod:`.fwd`'s grid (head block fastest)."""
-    pid_bh = g // n_ph
-    pid = g % n_ph
-    return pid_bh // HKV, pid_bh % HKV, pid % NHB, pid // NHB
+def _unit(g, c, dims, BI: gl.constexpr, PAIRS: gl.constexpr):
+    """Consumer ``c``'s tile of work unit ``g``: ``(b, hk, hblk, i0, first, last)``, its batch, kv
+    head, head block and first position, and the first and last positions of the unit (whose
+    key blocks it walks). Units are ordered as :mod:`.fwd`'s grid (head blocks fastest)."""
+    S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
+    bh = g // n_ph
+    r = g % n_ph
+    if PAIRS == 1:                                 # head blocks 2h, 2h + 1 of one position (BI = 1)
+        hblk = (r % (NHB // 2)) * 2 + c
+        i0 = r // (NHB // 2)
+        first = i0
+        last = i0
+    elif PAIRS == 2:                               # position blocks 2p, 2p + 1 (one head block)
+        hblk = r * 0
+        first = r * (2 * BI)
+        i0 = first + c * BI
+        last = first + 2 * BI - 1
+    else:                                          # one tile
+        hblk = r % NHB
+        i0 = (r // NHB) * BI
+        first = i0
+        last = i0 + BI - 1
+    return bh // HKV, bh % HKV, hblk, i0, first, last
 
 
 @gluon.jit
-def _n_blocks(i0, WB, BN: gl.constexpr):
-    """Key blocks of position ``i0``'s big window, anchored at ``i0 + 1`` and walking left."""
-    lo = gl.maximum(i0 - WB + 1, 0)
-    return (i0 + 1 - lo + BN - 1) // BN
+def _blocks(first, last, WB, BN: gl.constexpr):
+    """Key blocks of positions ``first .. last``, ``[last + 1 - (k + 1) BN, last + 1 - k BN)``:
+    ``(n_blk, n_causal, n_full)``; blocks ``k < n_causal`` hold keys past some row's position,
+    blocks ``k >= n_full`` keys past the left edge of some row's window (or before the sequence)."""
+    hi = last + 1
+    lo = gl.maximum(first - WB + 1, 0)
+    n_blk = (hi - lo + BN - 1) // BN
+    n_causal = (last - first + BN - 1) // BN
+    full_lo = gl.maximum(hi - WB, 0)               # keys in [full_lo, first] are in every row's window
+    return n_blk, n_causal, gl.minimum((hi - full_lo) // BN, n_blk)
 
 
 @gluon.jit
-def _gather(ins, b, hk, hblk, i0, GQA, WS, D: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
+def _gather(ins, b, hk, hblk, i0, S, GQA, WS, D: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
             BM: gl.constexpr, VALUES: gl.constexpr, NEG_Z: gl.constexpr):
     """A tile's ``z`` (one rounding to the input dtype), or with ``VALUES`` its ``v_s`` rows
-    (``D`` is then the value head dim), in the builder's layout."""
+    (``D`` is then the value head dim), in the builder's layout; rows ``r = (p BH + h) BT + t``."""
     Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2 = ins
     TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
     r = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     dd = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
     tt = r % BT
-    hg = hblk * BH + r // BT
-    l = i0 - tt
-    ok = ((hg < GQA) & (tt < WS) & (l >= 0))[:, None]
+    hg = hblk * BH + (r // BT) % BH
+    ii = i0 + r // (BH * BT)
+    l = ii - tt
+    ok = ((ii < S) & (hg < GQA) & (tt < WS) & (l >= 0))[:, None]
     if VALUES:
         return gl.load(VS + b * svs0 + l[:, None] * svs1 + hk * svs2 + dd[None, :], mask=ok, other=0.0)
-    q = gl.load(Q + b * sq0 + i0 * sq1 + (hk * GQA + hg)[:, None] * sq2 + dd[None, :], mask=ok,
+    q = gl.load(Q + b * sq0 + ii[:, None] * sq1 + (hk * GQA + hg)[:, None] * sq2 + dd[None, :], mask=ok,
                 other=0.0).to(gl.float32)
     ks = gl.load(KS + b * sks0 + l[:, None] * sks1 + hk * sks2 + dd[None, :], mask=ok, other=0.0).to(gl.float32)
     if NEG_Z:
@@ -81,8 +112,19 @@ def _gather(ins, b, hk, hblk, i0, GQA, WS, D: gl.constexpr, BH: gl.constexpr, BT
 
 
 @gluon.jit
-def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr,
-             BT: gl.constexpr, BM: gl.constexpr, NCONS: gl.constexpr):
+def _my_unit(u, pid, nprog, cid, NCONS: gl.constexpr, PAIRS: gl.constexpr):
+    """Index of the consumer's ``u``-th work unit: the program's pair ``u`` with ``PAIRS``, else
+    the program's tile ``cid + NCONS u``."""
+    if PAIRS != 0:
+        g = pid + u * nprog
+    else:
+        g = pid + (cid + NCONS * u) * nprog
+    return g
+
+
+@gluon.jit
+def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr,
+             BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, NCONS: gl.constexpr):
     """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffers of
     the consumer that takes each (``k % NCONS``), once that consumer has released them (with
     one ``v_s`` buffer, it serves the consumers in turn, released by each merge)."""
@@ -96,10 +138,10 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
     for k in range(n_local):
         c = k % NCONS
         ph = (k // NCONS) & 1
-        b, hk, hblk, i0 = _tile(pid + k * nprog, n_ph, NHB, HKV)
+        b, hk, hblk, i0, first, last = _unit(pid + k * nprog, 0, dims, BI, 0)
         b = b.to(gl.int64)
-        z = _gather(ins, b, hk, hblk, i0, GQA, WS, D, BH, BT, BM, False, NEG_Z)
-        vs = _gather(ins, b, hk, hblk, i0, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
+        z = _gather(ins, b, hk, hblk, i0, S, GQA, WS, D, BH, BT, BM, False, NEG_Z)
+        vs = _gather(ins, b, hk, hblk, i0, S, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
         # barriers start in phase 0: waiting on phase 1 of an "empty" barrier passes at once
         mbarrier.wait(z_empty.index(c), ph ^ 1)
         zbuf.index(c).store(z)
@@ -112,33 +154,36 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
 
 
 @gluon.jit
-def _builder_pair(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
-                  BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr):
-    """Default partition with ``SHARE``: the program walks pairs of tiles (head blocks ``2h``,
-    ``2h + 1`` of one position, which see the same keys), one per consumer. Per pair: both
-    tiles' ``z`` (gathered while the consumers finish the previous pair, stored once each has
-    issued its last ``S`` of it), then the pair's key / value blocks into the one ring both
-    consumers read, each slot refilled once both have released it; the tiles' ``v_s`` after the
-    first ``NS`` blocks are in flight (the consumers release ``v_s`` in the previous pair's merge)."""
+def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+                   BI: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                   NS: gl.constexpr, PAIRS: gl.constexpr):
+    """Default partition with ``PAIRS``: the program walks pairs of tiles that see the same keys,
+    one tile per consumer. Per pair: both tiles' ``z`` (gathered while the consumers finish the
+    previous pair, stored once each has issued its last ``S`` of it), then the pair's key /
+    value blocks into the one ring both consumers read, each slot refilled once both have
+    released it; the tiles' ``v_s`` after the first ``NS`` blocks are in flight (the consumers
+    release ``v_s`` in the previous pair's merge)."""
     kb_desc, vb_desc = outs[0], outs[1]
     zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
     z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
-    n_pairs = (T // 2 - pid + nprog - 1) // nprog
+    n_mine = (T - pid + nprog - 1) // nprog
     it = 0
-    for u in range(n_pairs):
-        b, hk, hblk, i0 = _tile(2 * (pid + u * nprog), n_ph, NHB, HKV)
+    for u in range(n_mine):
+        g = pid + u * nprog
+        b, hk, hblk, i0, first, last = _unit(g, 0, dims, BI, PAIRS)
         b64 = b.to(gl.int64)
         for c in gl.static_range(2):
-            z = _gather(ins, b64, hk, hblk + c, i0, GQA, WS, D, BH, BT, BM, False, NEG_Z)
+            _b, _hk, hblk_c, i0_c, _first, _last = _unit(g, c, dims, BI, PAIRS)
+            z = _gather(ins, b64, hk, hblk_c, i0_c, S, GQA, WS, D, BH, BT, BM, False, NEG_Z)
             mbarrier.wait(z_empty.index(c), (u & 1) ^ 1)   # the consumer's last S of the previous pair
             zbuf.index(c).store(z)
             fence_async_shared()
             mbarrier.arrive(z_ready.index(c), count=1)
-        n_blk = _n_blocks(i0, WB, BN)
-        row = b * S + i0 + 1 - BN                   # block k: keys [i0 + 1 - (k + 1) BN, i0 + 1 - k BN)
+        n_blk, _n_causal, _n_full = _blocks(first, last, WB, BN)
+        row = b * S + last + 1 - BN                # block k: keys [last + 1 - (k + 1) BN, last + 1 - k BN)
         for blk in range(n_blk):
             slot = it % NS
             bar = kv_ready.index(slot)
@@ -149,7 +194,8 @@ def _builder_pair(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.conste
             it += 1
             if blk == gl.minimum(n_blk, NS) - 1:
                 for c in gl.static_range(2):
-                    vs = _gather(ins, b64, hk, hblk + c, i0, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
+                    _b, _hk, hblk_c, i0_c, _first, _last = _unit(g, c, dims, BI, PAIRS)
+                    vs = _gather(ins, b64, hk, hblk_c, i0_c, S, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
                     mbarrier.wait(vs_empty.index(c), (u & 1) ^ 1)
                     vsbuf.index(c).store(vs)
                     mbarrier.arrive(vs_ready.index(c), count=1)
@@ -157,13 +203,14 @@ def _builder_pair(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.conste
 
 @gluon.jit
 def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars, dims, NCONS: gl.constexpr,
-           BN: gl.constexpr, D: gl.constexpr, DV: gl.constexpr):
-    """The consumer's load cursor: block ``lb`` of its tile ``lu`` (of ``ln`` blocks, first key row
-    ``lrow`` in the 2-D views, kv head ``lhk``) fetched into ring ``slot`` (none past the
-    consumer's ``n_mine`` tiles); returns the cursor one block on."""
+           BI: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, DV: gl.constexpr):
+    """The consumer's load cursor (its own ring): block ``lb`` of its tile ``lu`` (of ``ln``
+    blocks, one past the tile's last key row ``lrow`` in the 2-D views, kv head ``lhk``) fetched
+    into ring ``slot`` (none past the consumer's ``n_mine`` tiles); returns the cursor one block on."""
     kb_desc, vb_desc = outs[0], outs[1]
     kbuf, vbuf, kv_ready = bufs[2], bufs[3], bars[4]
-    S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
+    S = dims[0]
+    WB = dims[5]
     row = lrow - (lb + 1) * BN
     pred = lu < n_mine
     bar = kv_ready.index(slot)
@@ -174,34 +221,23 @@ def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bar
     if lb == ln:
         lu += 1
         lb = 0
-        b, lhk, hblk, i0 = _tile(_my_tile(lu, pid, nprog, cid, NCONS, False), n_ph, NHB, HKV)
-        ln = _n_blocks(i0, WB, BN)
-        lrow = b * S + i0 + 1
+        b, lhk, hblk, i0, first, last = _unit(_my_unit(lu, pid, nprog, cid, NCONS, 0), cid, dims, BI, 0)
+        ln, n_causal, n_full = _blocks(first, last, WB, BN)
+        lrow = b * S + last + 1
     return lu, lb, ln, lrow, lhk
 
 
 @gluon.jit
 def _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars, dims, NCONS: gl.constexpr,
-             BN: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, SHARE: gl.constexpr):
+             BI: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, PAIRS: gl.constexpr):
     """The consumer is done with ring ``slot``: with a shared ring, tell the builder (who refills
     it once both consumers have); with its own ring, refill it (:func:`_fetch`)."""
-    if SHARE:
+    if PAIRS != 0:
         mbarrier.arrive(bars[5].index(slot), count=1)
     else:
         lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars, dims,
-                                      NCONS, BN, D, DV)
+                                      NCONS, BI, BN, D, DV)
     return lu, lb, ln, lrow, lhk
-
-
-@gluon.jit
-def _my_tile(u, pid, nprog, cid, NCONS: gl.constexpr, SHARE: gl.constexpr):
-    """Index of the consumer's ``u``-th tile: of pair ``pid + u nprog`` with ``SHARE``, else the
-    program's tile ``cid + NCONS u``."""
-    if SHARE:
-        g = 2 * (pid + u * nprog) + cid
-    else:
-        g = pid + (cid + NCONS * u) * nprog
-    return g
 
 
 @gluon.jit
@@ -221,10 +257,11 @@ def _pass_turn(turn, cid, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
-    """Online softmax (base 2) of one block of logits ``s``: (p, alpha, m, l)."""
-    if masked:                                         # the window's left edge (or the sequence start)
-        s = gl.where(j[None, :] > j_min, s, float("-inf"))
+def _softmax_block(s, m_i, l_i, masked, j, i_row, j_min, qk_scale):
+    """Online softmax (base 2) of one block of logits ``s``: (p, alpha, m, l). A masked block
+    keeps keys ``j_min < j <= i_row`` of each row (its window, inside the sequence)."""
+    if masked:
+        s = gl.where((j[None, :] > j_min[:, None]) & (j[None, :] <= i_row[:, None]), s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -233,17 +270,17 @@ def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
 
 @gluon.jit
 def _consumer(cid, outs, bufs, bars, dims,
-              D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
+              D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr,
-              OVERLAP: gl.constexpr, SHARE: gl.constexpr, PINGPONG: gl.constexpr):
+              OVERLAP: gl.constexpr, PAIRS: gl.constexpr, PINGPONG: gl.constexpr):
     """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``, or with
-    ``SHARE`` tile ``cid`` of each of the program's pairs. The kernel's tensors, buffers, barriers
+    ``PAIRS`` tile ``cid`` of each of the program's pairs. The kernel's tensors, buffers, barriers
     and sizes come packed, as :func:`_fwd_ws_kernel` makes them."""
     kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1 = outs
     zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
     z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
-    NQ: gl.constexpr = BM // BT
+    NQ: gl.constexpr = BI * BH                     # queries (position, head) per tile
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -252,8 +289,8 @@ def _consumer(cid, outs, bufs, bars, dims,
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     n_local = (T - pid + nprog - 1) // nprog
-    if SHARE:
-        n_mine = (T // 2 - pid + nprog - 1) // nprog
+    if PAIRS != 0:
+        n_mine = n_local
         ring = 0
     else:
         n_mine = (n_local - cid + NCONS - 1) // NCONS
@@ -264,27 +301,27 @@ def _consumer(cid, outs, bufs, bars, dims,
     vsb = vsbuf.index(vc)
 
     # load cursor (_fetch) of a consumer's own ring, NS blocks ahead of the computation, across tiles
-    b0, lhk, _hblk0, i00 = _tile(_my_tile(0, pid, nprog, cid, NCONS, SHARE), n_ph, NHB, HKV)
+    b0, lhk, _hblk0, _i00, first0, last0 = _unit(_my_unit(0, pid, nprog, cid, NCONS, PAIRS), cid, dims, BI, PAIRS)
     lu = 0
     lb = 0
-    ln = _n_blocks(i00, WB, BN)
-    lrow = b0 * S + i00 + 1
-    if not SHARE:
-        for first in gl.static_range(NS):
-            lu, lb, ln, lrow, lhk = _fetch(ring + first, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
-                                          bars, dims, NCONS, BN, D, DV)
+    ln, _n_causal0, _n_full0 = _blocks(first0, last0, WB, BN)
+    lrow = b0 * S + last0 + 1
+    if PAIRS == 0:
+        for k0 in gl.static_range(NS):
+            lu, lb, ln, lrow, lhk = _fetch(ring + k0, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
+                                          bars, dims, NCONS, BI, BN, D, DV)
 
     jj = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    p_row = gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout)) // (BH * BT)   # position of each row in the tile
     s_zero = gl.zeros([BM, BN], gl.float32, s_layout)
     it = 0                                          # blocks consumed
     tg = 0                                          # groups of products issued (PINGPONG)
     for u in range(n_mine):
-        b, hk, hblk, i0 = _tile(_my_tile(u, pid, nprog, cid, NCONS, SHARE), n_ph, NHB, HKV)
-        n_blk = _n_blocks(i0, WB, BN)
-        full_lo = gl.maximum(i0 + 1 - WB, 0)
-        n_full = gl.minimum(gl.maximum(i0 + 1 - full_lo, 0) // BN, n_blk)
-        j_min = gl.maximum(i0 - WB, -1)             # keys j > j_min are in the window
-        j_top = i0 + 1 - BN + jj                    # keys of block 0; block k: j_top - k BN
+        b, hk, hblk, i0, first, last = _unit(_my_unit(u, pid, nprog, cid, NCONS, PAIRS), cid, dims, BI, PAIRS)
+        n_blk, n_causal, n_full = _blocks(first, last, WB, BN)
+        i_row = i0 + p_row
+        j_min = gl.maximum(i_row - WB, -1)          # keys j_min < j <= i_row are in a row's window
+        j_top = last + 1 - BN + jj                  # keys of block 0; block k: j_top - k BN
         m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.full([BM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BM, DV], gl.float32, o_layout)
@@ -307,7 +344,8 @@ def _consumer(cid, outs, bufs, bars, dims,
             _pass_turn(turn, cid, PINGPONG)
             tg += 1
             s = warpgroup_mma_wait(0, deps=(s, ))
-            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, 0 >= n_full, j_top, j_min, qk_scale)
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, (0 < n_causal) | (0 >= n_full), j_top, i_row, j_min,
+                                                qk_scale)
             pbuf.index(pb).store(p.to(zbuf.dtype))
             fence_async_shared()
             for blk in range(n_blk - 1):
@@ -320,15 +358,15 @@ def _consumer(cid, outs, bufs, bars, dims,
                 _pass_turn(turn, cid, PINGPONG)
                 tg += 1
                 s = warpgroup_mma_wait(1, deps=(s, ))
-                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk + 1 >= n_full, j_top - (blk + 1) * BN, j_min,
-                                                    qk_scale)
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, (blk + 1 < n_causal) | (blk + 1 >= n_full),
+                                                    j_top - (blk + 1) * BN, i_row, j_min, qk_scale)
                 pb = ring2 + (blk + 1) % 2                 # the buffer P V of block k - 1 read (done)
                 pbuf.index(pb).store(p.to(zbuf.dtype))
                 fence_async_shared()
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
                 lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
-                                                bars, dims, NCONS, BN, D, DV, SHARE)
+                                                bars, dims, NCONS, BI, BN, D, DV, PAIRS)
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
             slot = ring + it % NS
@@ -338,7 +376,7 @@ def _consumer(cid, outs, bufs, bars, dims,
             tg += 1
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
-                                            dims, NCONS, BN, D, DV, SHARE)
+                                            dims, NCONS, BI, BN, D, DV, PAIRS)
             it += 1
         else:
             for blk in range(n_blk):
@@ -347,22 +385,24 @@ def _consumer(cid, outs, bufs, bars, dims,
                 # s[r, j] = <z_r, k_b[j]>
                 s = warpgroup_mma(zb, kbuf.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
-                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk >= n_full, j_top - blk * BN, j_min, qk_scale)
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, (blk < n_causal) | (blk >= n_full),
+                                                    j_top - blk * BN, i_row, j_min, qk_scale)
                 acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
                 acc = warpgroup_mma(gl.convert_layout(p.to(zbuf.dtype), p_layout), vbuf.index(slot), acc,
                                     is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 # the slot is free: fetch the consumer's next block into it
                 lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
-                                                bars, dims, NCONS, BN, D, DV, SHARE)
+                                                bars, dims, NCONS, BI, BN, D, DV, PAIRS)
                 it += 1
             mbarrier.arrive(z_empty.index(cid), count=1)
 
         # merge of the tile's offsets per query (fwd.py, (2)), in base 2
         r = gl.arange(0, BM, layout=o_rows)
         tt = r % BT
-        hg = hblk * BH + r // BT
-        rvalid = (hg < GQA) & (tt < WS) & (i0 - tt >= 0)
+        hg = hblk * BH + (r // BT) % BH
+        ii = i0 + r // (BH * BT)
+        rvalid = (ii < S) & (hg < GQA) & (tt < WS) & (ii - tt >= 0)
         mbarrier.wait(vs_ready.index(vc), ((cid + NCONS * u) // N_VS) & 1)   # the program's tile k // N_VS
         vs = vsb.load(o_layout).to(gl.float32)
         mbarrier.arrive(vs_empty.index(vc), count=1)
@@ -378,41 +418,40 @@ def _consumer(cid, outs, bufs, bars, dims,
 
         qq = gl.arange(0, NQ, layout=gl.SliceLayout(1, out_layout))
         ee = gl.arange(0, DV, layout=gl.SliceLayout(0, out_layout))
-        hl_q = hblk * BH + qq
-        ok_q = hl_q < GQA
+        i_q = i0 + qq // BH
+        hl_q = hblk * BH + qq % BH
+        ok_q = (i_q < S) & (hl_q < GQA)
         h_q = hk * GQA + hl_q
         L_q = gl.convert_layout(L_c, gl.SliceLayout(1, out_layout))
         M_q = gl.convert_layout(m_c, gl.SliceLayout(1, out_layout))
         L_safe = gl.where(L_q > 0.0, L_q, 1.0)
         o = O_c / L_safe[:, None]
         b64 = b.to(gl.int64)
-        i_q = gl.full([NQ], 0, gl.int32, gl.SliceLayout(1, out_layout)) + i0
         # a query whose window holds a non-finite value gets NaN in its whole row (fwd.py)
         holds = _window_holds(CNT_S, b64, hk, HKV, S, i_q, WS, ok_q) | \
             _window_holds(CNT_B, b64, hk, HKV, S, i_q, WB, ok_q)
         o = gl.where(holds[:, None], float("nan"), o)
-        gl.store(O + b64 * so0 + i0 * so1 + h_q[:, None] * so2 + ee[None, :], o.to(O.dtype.element_ty),
+        gl.store(O + b64 * so0 + i_q[:, None] * so1 + h_q[:, None] * so2 + ee[None, :], o.to(O.dtype.element_ty),
                  mask=ok_q[:, None])
         lse = (M_q + gl.log2(L_safe)) * 0.6931471805599453
-        gl.store(LSE + b64 * sl0 + h_q * sl1 + i0, lse, mask=ok_q)
+        gl.store(LSE + b64 * sl0 + h_q * sl1 + i_q, lse, mask=ok_q)
 
 
 @gluon.jit
 def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
                    sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, so0, so1, so2, sl0, sl1,
-                   S, HKV, GQA, NHB, WS, WB, T, qk_scale,
+                   S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
                    NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
                    BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr, OVERLAP: gl.constexpr,
-                   SHARE: gl.constexpr, PINGPONG: gl.constexpr, z_layout: gl.constexpr,
+                   BI: gl.constexpr, PAIRS: gl.constexpr, PINGPONG: gl.constexpr, z_layout: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr):
-    n_ph = S * NHB                                 # tiles per (batch, kv head): BI = 1
     dtype: gl.constexpr = Q.dtype.element_ty
     zbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, D], z_layout)
     vs_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, DV], dtype)
     # v_s buffers: one, shared in turn, beside two P buffers per consumer (each its own ring)
-    N_VS: gl.constexpr = 1 if OVERLAP and not SHARE else NCONS
+    N_VS: gl.constexpr = 1 if OVERLAP and PAIRS == 0 else NCONS
     vsbuf = gl.allocate_shared_memory(dtype, [N_VS, BM, DV], vs_layout)
-    N_KV: gl.constexpr = NS if SHARE else NCONS * NS
+    N_KV: gl.constexpr = NS if PAIRS != 0 else NCONS * NS
     kbuf = gl.allocate_shared_memory(dtype, [N_KV, BN, D], kb_desc.layout)
     vbuf = gl.allocate_shared_memory(dtype, [N_KV, BN, DV], vb_desc.layout)
     if OVERLAP:                                    # P of two blocks per consumer (FA3's order)
@@ -444,23 +483,33 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
     bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn)
     dims = (S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale)
     ins = (Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2)
-    if SHARE:                                      # two consumers (canonical_fwd_ws checks)
-        gl.warp_specialize([(_builder_pair, (ins, outs, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, BN, NS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG))],
+    if PAIRS != 0:                                 # two consumers (canonical_fwd_ws checks)
+        gl.warp_specialize([(_builder_pairs, (ins, outs, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, BN, NS, PAIRS)),
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
+                                         PINGPONG)),
+                            (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
+                                         PINGPONG))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     elif NCONS == 2:
-        gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG))],
+        gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, NCONS)),
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
+                                         PINGPONG)),
+                            (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
+                                         PINGPONG))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
-        gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BH, BT, BM, NCONS)),
-                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (1, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG)), (_consumer, (2, outs, bufs, bars, dims, D, DV, BH, BT, BM, BN, NS, NCONS, OVERLAP, SHARE, PINGPONG))],
+        gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, NCONS)),
+                            (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
+                                         PINGPONG)),
+                            (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
+                                         PINGPONG)),
+                            (_consumer, (2, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
+                                         PINGPONG))],
                            [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
 SCOPE = ("bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), contiguous k_b / v_b, 32-bit "
-         "offsets, and one-position tiles (pow2(small window) * pow2(query heads per kv head) >= 64, "
-         "small window <= 64)")
+         "offsets, and a small window that fits one tile (<= 64 offsets)")
 
 
 def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
@@ -471,24 +520,33 @@ def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
         return False
     BI, BH, BT = pack_rows(BM, plan.gqa, plan.ws)
     # 32-bit indices: copy-engine rows of the [B * S, Hkv * D] views, position * stride offsets
-    small = plan.B * plan.S < 2 ** 31 and plan.S * max(q.stride(1), ks.stride(1), vs.stride(1),
-                                                       plan.Hq * plan.Dv) < 2 ** 31
-    return BI == 1 and plan.ws <= BT and small and all(t.is_contiguous() for t in (kb, vb))
+    small = (plan.B * plan.S + 2 * BI) < 2 ** 31 and (plan.S + 2 * BI) * max(
+        q.stride(1), ks.stride(1), vs.stride(1), plan.Hq * plan.Dv) < 2 ** 31
+    return plan.ws <= BT and small and all(t.is_contiguous() for t in (kb, vb))
+
+
+def pairs(gqa: int, ws: int) -> int:
+    """How ``share`` pairs the tiles of a problem: 1, two head blocks of one position (an even
+    number of head blocks per kv group); 2, two neighbouring position blocks (one head block);
+    0, neither (an odd number of head blocks past one)."""
+    BI, BH, BT = pack_rows(BM, gqa, ws)
+    NHB = triton.cdiv(gqa, BH)
+    return 1 if NHB % 2 == 0 else 2 if NHB == 1 else 0
 
 
 def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_programs: int | None = None,
                      consumers: int = 2, stages: int = NS, overlap: bool = False, share: bool = False,
-                     pingpong: bool = False, block_n: int = BN, consumer_regs: int | None = None, maxnreg: int | None = None):
+                     pingpong: bool = False, block_n: int = BN, consumer_regs: int | None = None,
+                     maxnreg: int | None = None):
     """:func:`.fwd.canonical_fwd` for problems in this module's scope (:func:`supports`). Knobs:
     ``consumers`` (2 or 3), ``stages`` (key / value blocks per ring), ``overlap`` (FA3's
     order, P through two shared-memory buffers per consumer and, without ``share``, one ``v_s``
     buffer shared by the consumers in turn), ``share`` (two consumers on the two tiles of a pair
-    of head blocks, reading one ring that the builder fills: each key block loaded once for 128
-    rows), ``pingpong`` (with ``share`` and ``overlap``: the consumers issue their products in
-    turn), ``block_n`` (keys per block, 64 or 128), the consumers' registers and the kernel's
-    ``maxnreg``. Past D = 64 only
-    two consumers with two stages fit the shared memory (triton raises ``OutOfResources`` for
-    the others)."""
+    that see the same keys, reading one ring that the builder fills: each key block loaded once
+    for 128 rows; :func:`pairs`), ``pingpong`` (with ``share`` and ``overlap``: the consumers
+    issue their products in turn), ``block_n`` (keys per block, 64 or 128), the consumers'
+    registers and the kernel's ``maxnreg``. Past D = 64 only two consumers with two stages of
+    their own rings fit the shared memory (triton raises ``OutOfResources`` for the others)."""
     if consumers not in (2, 3):
         raise ValueError(f"consumers: expected 2 or 3, got {consumers}")
     if stages < 2:                 # FA3's order waits for block k + 1 while block k's slot is in use
@@ -507,26 +565,29 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
         return out, lse
     BI, BH, BT = pack_rows(BM, plan.gqa, ws)
     NHB = triton.cdiv(plan.gqa, BH)
-    if share and NHB % 2:
-        raise ValueError(f"share: pairs of head blocks of one position need an even number of head blocks per kv "
-                         f"group; {plan.gqa} query heads per kv head in blocks of {BH} give {NHB}")
-    T = S * NHB * B * Hkv
+    n_pairs = pairs(plan.gqa, ws) if share else 0
+    if share and not n_pairs:
+        raise ValueError(f"share: pairs of tiles need one head block or an even number per kv group; "
+                         f"{plan.gqa} query heads per kv head in blocks of {BH} give {NHB}")
+    # work units per (batch, kv head): tiles, or pairs of tiles
+    n_ph = S * (NHB // 2) if n_pairs == 1 else triton.cdiv(S, 2 * BI) if n_pairs == 2 else triton.cdiv(S, BI) * NHB
+    T = n_ph * B * Hkv
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     k_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], gdt)
     v_layout = gl.NVMMASharedLayout.get_default_for([block_n, Dv], gdt)
-    # 2-D views [B * S, Hkv * D]: a block that starts before its batch's first row reads the
-    # previous batch's rows (or zeros before row 0); the window mask drops them
+    # 2-D views [B * S, Hkv * D]: a block reaching outside its batch reads the neighbouring
+    # batch's rows (or zeros outside the tensor); the masks drop them
     kb_desc = TensorDescriptor(kb, [B * S, Hkv * D], [Hkv * D, 1], [block_n, D], k_layout)
     vb_desc = TensorDescriptor(vb, [B * S, Hkv * Dv], [Hkv * Dv, 1], [block_n, Dv], v_layout)
     neg_z, qk_scale = z_scaling(scale)
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-    grid = (min(T // 2 if share else T, num_programs or n_sm),)
+    grid = (min(T, num_programs or n_sm),)
     _fwd_ws_kernel[grid](
         q, ks, vs, kb_desc, vb_desc, out, lse, *counts,
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
-        S, Hkv, plan.gqa, NHB, ws, wb, T, qk_scale,
+        S, Hkv, plan.gqa, NHB, ws, wb, n_ph, T, qk_scale,
         NEG_Z=neg_z, D=D, DV=Dv, BH=BH, BT=BT, BM=BM, BN=block_n, NS=stages, NCONS=consumers, OVERLAP=overlap,
-        SHARE=share, PINGPONG=pingpong,
+        BI=BI, PAIRS=n_pairs, PINGPONG=pingpong,
         z_layout=gl.NVMMASharedLayout.get_default_for([BM, D], gdt),
         CONSUMER_REGS=consumer_regs or (200 if consumers == 2 else 144),
         num_warps=4, maxnreg=maxnreg or (168 if consumers == 2 else 128))
