@@ -1,6 +1,7 @@
 """Device script for the Triton forward (twosimplicial/ops/triton/fwd.py): check, then time variants.
 
-    python3 -m benchmarks.tuning.bench_fwd_variants [--variants NAME,...] [--cases CASE[:V1+V2],...]
+    python3 -m benchmarks.tuning.bench_fwd_variants [--variants NAME,...] [--cases CASE[:V1+V2],...] \
+        [--rounds N] [--out FILE.json]
 
 from the repository root, e.g. ``--variants default,3st --cases gqa64:default+3st,det:default+3st-pf``
 checks the three variants on reduced shapes, then times two of them per case (~1 min on an H100).
@@ -9,13 +10,19 @@ checks the three variants on reduced shapes, then times two of them per case (~1
    memory-bounded torch path (``chunked``), relative errors of out and lse.
 2. Timing (bf16, the issue's shapes, (w1, w2) = (512, 32) unless the case says otherwise):
    forward median per variant, and cuDNN SDPA forward FLOP-matched (q length S, kv length
-   w1 * w2, same heads and D) in the same run; FLOPs: docs/math.md, Cost: 4 * D per valid triple.
-Prints a table; writes nothing (benchmarks/bench_kernels.py writes the results JSON).
+   w1 * w2, same heads and D) in the same run, in ``--rounds`` interleaved rounds (variants and
+   cuDNN in turn, each round's times kept; the table gives their medians, as the GPU's clock
+   drifts over a run); FLOPs: docs/math.md, Cost: 4 * D per valid triple.
+Prints a table and writes it with the device, versions, date and command to ``--out`` (JSON).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
+import statistics
+import sys
 
 import torch
 import triton
@@ -149,11 +156,13 @@ def main():
     ap.add_argument("--cases", default="gqa64,mha", help="comma-separated case[:variant+variant...] names")
     ap.add_argument("--rep", type=int, default=300, help="do_bench repeat time in ms")
     ap.add_argument("--quick-check", action="store_true", help="check on the first two shapes only")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per case")
+    ap.add_argument("--out", help="write the table (and device, versions, command) to this JSON file")
     args = ap.parse_args()
     variants = {n: variant(n) for n in args.variants.split(",")}
     gen = torch.Generator(device="cuda").manual_seed(0)
     check(variants, gen, CHECK_SHAPES[:2] if args.quick_check else CHECK_SHAPES)
-    table = []
+    rows = []
     for spec in args.cases.split(","):
         case, _, names = spec.partition(":")
         case_variants = {n: variant(n) for n in names.split("+")} if names else variants
@@ -163,22 +172,6 @@ def main():
         flops = 4 * Dm * n_triples(S, w1, w2) * B * Hq
         q = rand(B, S, Hq, D, gen=gen)
         k1, v1, k2, v2 = (rand(B, S, Hkv, d, gen=gen) for d in (D, Dv, D, Dv))
-        base = None
-        for name, cfg in case_variants.items():
-            fwd, c = fwd_fn(cfg)
-            f = lambda: fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=c, form=form)
-            try:
-                out = f()[0]
-                diff = 0.0 if base is None else rel(out, base)
-                base = out if base is None else base
-                ms = triton.testing.do_bench(f, warmup=50, rep=args.rep, return_mode="median")
-            except Exception as e:                         # e.g. out of shared memory
-                print(f"{case} {name} failed: {str(e)[:200]}", flush=True)
-                continue
-            table.append((case, name, ms, flops / ms / 1e9, diff))
-            print(f"time {case:10s} {name:22s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s (vs first: {diff:.1e})",
-                  flush=True)
-        del q, k1, v1, k2, v2
         L = w1 * w2                                        # FLOP-matched cuDNN SDPA, same run
         sq, sk, sv = rand(B, Hq, S, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen)
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -186,17 +179,44 @@ def main():
         def sdpa():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(sq, sk, sv)
-        ms = triton.testing.do_bench(sdpa, warmup=50, rep=args.rep, return_mode="median")
-        table.append((case, "sdpa-cudnn", ms, 4 * S * L * Dm * Hq * B / ms / 1e9, math.nan))
-        del sq, sk, sv
+        fns, diffs, base = {}, {}, None
+        for name, cfg in case_variants.items():
+            fwd, c = fwd_fn(cfg)
+            f = (lambda fwd=fwd, c=c: fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=c, form=form))
+            try:
+                out = f()[0]
+            except Exception as e:                         # e.g. out of shared memory, or out of scope
+                print(f"{case} {name} failed: {str(e)[:200]}", flush=True)
+                continue
+            diffs[name] = 0.0 if base is None else rel(out, base)
+            base = out if base is None else base
+            fns[name] = f
+        fns["sdpa-cudnn"] = sdpa
+        times = {name: [] for name in fns}
+        for _ in range(args.rounds):                       # interleaved: every variant once per round
+            for name, f in fns.items():
+                times[name].append(triton.testing.do_bench(f, warmup=50, rep=args.rep, return_mode="median"))
+        ref_ms = statistics.median(times["sdpa-cudnn"])
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            n_flops = flops if name != "sdpa-cudnn" else 4 * S * L * Dm * Hq * B
+            rows.append(dict(case=case, variant=name, ms=ms, ms_rounds=ts, tflops=n_flops / ms / 1e9,
+                             x_cudnn=ref_ms / ms * n_flops / (4 * S * L * Dm * Hq * B), rel_diff_vs_first=diffs.get(name)))
+            print(f"time {case:10s} {name:22s} {ms:8.3f} ms {n_flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        del q, k1, v1, k2, v2, sq, sk, sv, base, fns
         torch.cuda.empty_cache()
     from twosimplicial.ops.triton.fwd import _two_simplicial_fwd_kernel
     report_kernels([_two_simplicial_fwd_kernel])
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    ref = {c: tf for c, n, _, tf, _ in table if n == "sdpa-cudnn"}
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"medians of {args.rounds} rounds")
     print(f"{'case':10s} {'variant':22s} {'ms':>8s} {'TFLOP/s':>8s} {'x cuDNN':>8s}")
-    for c, n, ms, tf, _ in table:
-        print(f"{c:10s} {n:22s} {ms:8.3f} {tf:8.1f} {tf / ref[c]:8.3f}")
+    for r in rows:
+        print(f"{r['case']:10s} {r['variant']:22s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['x_cudnn']:8.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           date=datetime.date.today().isoformat(), command="python3 -m benchmarks.tuning."
+                           "bench_fwd_variants " + " ".join(sys.argv[1:]), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
