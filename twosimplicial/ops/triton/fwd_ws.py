@@ -138,7 +138,7 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
     for k in range(n_local):
         c = k % NCONS
         ph = (k // NCONS) & 1
-        b, hk, hblk, i0, first, last = _unit(pid + k * nprog, 0, dims, BI, 0)
+        b, hk, hblk, i0, _first, _last = _unit(pid + k * nprog, 0, dims, BI, 0)
         b = b.to(gl.int64)
         z = _gather(ins, b, hk, hblk, i0, S, GQA, WS, D, BH, BT, BM, False, NEG_Z)
         vs = _gather(ins, b, hk, hblk, i0, S, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
@@ -173,7 +173,7 @@ def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.const
     it = 0
     for u in range(n_mine):
         g = pid + u * nprog
-        b, hk, hblk, i0, first, last = _unit(g, 0, dims, BI, PAIRS)
+        b, hk, _hblk, _i0, first, last = _unit(g, 0, dims, BI, PAIRS)
         b64 = b.to(gl.int64)
         for c in gl.static_range(2):
             _b, _hk, hblk_c, i0_c, _first, _last = _unit(g, c, dims, BI, PAIRS)
@@ -221,8 +221,8 @@ def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bar
     if lb == ln:
         lu += 1
         lb = 0
-        b, lhk, hblk, i0, first, last = _unit(_my_unit(lu, pid, nprog, cid, NCONS, 0), cid, dims, BI, 0)
-        ln, n_causal, n_full = _blocks(first, last, WB, BN)
+        b, lhk, _hblk, _i0, first, last = _unit(_my_unit(lu, pid, nprog, cid, NCONS, 0), cid, dims, BI, 0)
+        ln, _n_causal, _n_full = _blocks(first, last, WB, BN)
         lrow = b * S + last + 1
     return lu, lb, ln, lrow, lhk
 
