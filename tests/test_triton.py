@@ -397,6 +397,9 @@ def test_gpu_ws_forward_matches_the_triton_forward(case):
 
 
 def test_ws_forward_refuses_problems_outside_its_scope_and_bad_knobs():
+    # share's pairing: head blocks of one position (GQA-64: 32 blocks of 2 heads x 32 offsets),
+    # positions (MHA; GQA-64 with one offset: one block of 64 heads), none (GQA-6: 3 blocks of 2)
+    assert (pairs(64, 32), pairs(1, 32), pairs(64, 1), pairs(6, 32)) == (1, 2, 2, 0)
     inputs = make(1, 20, 4, 1, 16, 16)
     with pytest.raises(ValueError, match=r"config\['ws'\].*CUDA"):
         two_simplicial_fwd(*inputs, 8, 4, 0.25, False, config={"ws": {}})
