@@ -49,3 +49,19 @@ def test_ptxas_reports_registers_and_spills_with_config_overrides():
         assert all(re.search(r"regs \d+, spills \d+ / \d+ bytes", ln) for ln in lines[cfg].values()), r.stdout
     assert lines["{}"]["fwd"] == lines['{"BN": 16}']["fwd"]
     assert lines["{}"]["rows"].split()[2] != lines['{"BN": 16}']["rows"].split()[2]
+
+
+def test_gluon_forward_compiles_and_assembles_for_sm90a():
+    """The warp-specialised Gluon forward (``fwd_ws``, not dispatched; no interpreter runs Gluon,
+    so this is what the CPU can check of it) compiles under the installed triton and assembles
+    for sm_90a at its three kinds of work unit: a tile with its own ring, a pair of head blocks
+    with FA3's order and ping-pong, a pair of position blocks (MHA, negative scale)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cases = ("ws-gqa64", "ws-gqa64-pingpong", "ws-mha-share")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.tuning.ptx_hash", "--cases", ",".join(cases), "--ptxas"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("ws-")}
+    assert set(lines) == set(cases), r.stdout
+    assert all("(_fwd_ws_kernel)" in ln and re.search(r"regs \d+, spills \d+ / \d+ bytes", ln)
+               for ln in lines.values()), r.stdout

@@ -67,10 +67,17 @@ CASES = {
     "det-mha": (1, 1024, 4, 4, 128, 128, 512, 32, BF16, False, 0.125, {}),         # the determinant form at D
     "det-gqa64": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125, {}),
     "det-k1-small": (1, 512, 4, 2, 64, 64, 32, 100, BF16, False, 0.125, {}),       # sgn = -1
+    # the warp-specialised Gluon forward (fwd_ws.py; forward only): its own rings; pairs of head
+    # blocks with FA3's order and ping-pong; pairs of position blocks (MHA)
+    "ws-gqa64": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125, {"ws": {}}),
+    "ws-gqa64-pingpong": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125,
+                          {"ws": {"share": True, "overlap": True, "pingpong": True}}),
+    "ws-mha-share": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, -0.125, {"ws": {"share": True}}),
 }
 # cases named det-* compile the kernels' native determinant form (FORM = +-1); the others the trilinear
 # the kernels of each phase, in launch order
 FWD_NAMES = ("clean", "fwd")           # fwd.clean_values, then the forward
+WS_NAMES = ("ws",)                     # the Gluon forward alone
 BWD_NAMES = ("delta", "keys", "rows", "sum_dks", "sum_dvs")
 
 
@@ -122,6 +129,10 @@ def _hook(sink):
     fwd.fwd_config = lambda gqa, ws, D, Dv, interpret, **k: fwd_config(gqa, ws, D, Dv, False, **k)
     bwd.bwd_config = lambda device, *a, **k: bwd_config(torch.device("cuda"), *a, **k)
     fwd.kernel = lambda fn, device: _Compile(fn, sink, {})
+    from twosimplicial.ops.triton import fwd_ws
+    fwd_ws.kernel = fwd.kernel
+    # the persistent Gluon grid's size (one program per SM of an H100 / H200)
+    torch.cuda.get_device_properties = lambda device: type("Props", (), {"multi_processor_count": 132})()
     # GPU-only constants the host code derives from the tensors' device: the delta kernel's
     # block of positions, the rows kernel's bf16 0/1-matrix products
     bwd.kernel = lambda fn, device: _Compile(fn, sink, {"BS": 64, "ONEHOT_BF16": True})
@@ -168,12 +179,20 @@ def run_case(name, fwd, bwd, sink, fwd_config=None, bwd_config=None):
     out = torch.randn(B, S, Hq, Dv, generator=g).to(dtype)
     hashes = {}
     form = "determinant" if name.startswith("det-") else "trilinear"
-    for phase, call in (("fwd", lambda: fwd(q, k1, v1, k2, v2, w1, w2, scale, tf32, config=config, form=form)),
-                        ("bwd", lambda: bwd(torch.randn_like(out), q, k1, v1, k2, v2, out, torch.zeros(B, Hq, S),
-                                            w1, w2, scale, tf32, config=bwd_config, form=form))):
+    phases = (("fwd", lambda: fwd(q, k1, v1, k2, v2, w1, w2, scale, tf32, config=config, form=form)),
+              ("bwd", lambda: bwd(torch.randn_like(out), q, k1, v1, k2, v2, out, torch.zeros(B, Hq, S),
+                                  w1, w2, scale, tf32, config=bwd_config, form=form)))
+    if "ws" in config:   # the Gluon forward takes CUDA tensors only: its entry point, on the canonical problem
+        from twosimplicial.ops.plan import make_plan
+        from twosimplicial.ops.triton.fwd_ws import canonical_fwd_ws
+        plan = make_plan(q.shape, v1.shape, w1, w2, dtype, tf32)
+        counts = torch.zeros(2, B, Hkv, S, dtype=torch.int32)
+        phases = (("ws", lambda: canonical_fwd_ws(plan, q, *plan.split(k1, v1, k2, v2), (counts[0], counts[1]), scale,
+                                                  **config["ws"])), )
+    for phase, call in phases:
         sink.clear()
         call()
-        labels = FWD_NAMES if phase == "fwd" else BWD_NAMES
+        labels = {"fwd": FWD_NAMES, "bwd": BWD_NAMES, "ws": WS_NAMES}[phase]
         assert len(sink) == len(labels), [n for n, _ in sink]
         for label, (fn_name, ptx) in zip(labels, sink):
             norm = normalise(ptx)

@@ -39,8 +39,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import Plan
-from .common import pack_rows, z_scaling
+from .common import kernel, pack_rows, z_scaling
 from .fwd import _window_holds
+
+# the copy engine's global -> shared load: async_copy_global_to_shared in triton 3.6, renamed
+# async_load (the old name raises) by triton 3.9
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 BM = 64        # virtual rows per tile (one warpgroup's wgmma M)
 BN = 64        # keys per block
@@ -189,8 +193,8 @@ def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.const
             bar = kv_ready.index(slot)
             mbarrier.wait(kv_empty.index(slot), ((it // NS) & 1) ^ 1)
             mbarrier.expect(bar, kb_desc.block_type.nbytes + vb_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(kb_desc, [row - blk * BN, hk * D], bar, kbuf.index(slot))
-            tma.async_copy_global_to_shared(vb_desc, [row - blk * BN, hk * DV], bar, vbuf.index(slot))
+            _tma_load(kb_desc, [row - blk * BN, hk * D], bar, kbuf.index(slot))
+            _tma_load(vb_desc, [row - blk * BN, hk * DV], bar, vbuf.index(slot))
             it += 1
             if blk == gl.minimum(n_blk, NS) - 1:
                 for c in gl.static_range(2):
@@ -215,8 +219,8 @@ def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bar
     pred = lu < n_mine
     bar = kv_ready.index(slot)
     mbarrier.expect(bar, kb_desc.block_type.nbytes + vb_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(kb_desc, [row, lhk * D], bar, kbuf.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(vb_desc, [row, lhk * DV], bar, vbuf.index(slot), pred=pred)
+    _tma_load(kb_desc, [row, lhk * D], bar, kbuf.index(slot), pred=pred)
+    _tma_load(vb_desc, [row, lhk * DV], bar, vbuf.index(slot), pred=pred)
     lb += 1
     if lb == ln:
         lu += 1
@@ -582,7 +586,7 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
     neg_z, qk_scale = z_scaling(scale)
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
     grid = (min(T, num_programs or n_sm),)
-    _fwd_ws_kernel[grid](
+    kernel(_fwd_ws_kernel, q.device)[grid](
         q, ks, vs, kb_desc, vb_desc, out, lse, *counts,
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
         S, Hkv, plan.gqa, NHB, ws, wb, n_ph, T, qk_scale,
