@@ -241,6 +241,10 @@ def run_demo(size: str = "cpu", out_dir: str | os.PathLike = "runs/demo", steps:
                         running.discard(name)
                 time.sleep(0.5)
             results = {name: j.get() for name, j in jobs.items()}
+            # let the workers exit on their own: the context's exit terminates them, which could
+            # leave a semaphore behind for the resource tracker to warn about at shutdown
+            pool.close()
+            pool.join()
     else:
         for name, cfg in cfgs.items():
             print(f"training {name}")
