@@ -382,11 +382,17 @@ def test_gpu_ws_forward_matches_the_triton_forward(case):
                 two_simplicial_fwd(*inputs, w1, w2, scale, False, config={"ws": knobs})
             continue
         out = torch.full_like(o0, 7.0)                   # poison: every element written?
+        # past the 232,448 bytes of shared memory a block may have (offline sm_90a builds): three
+        # rings of three blocks beside one-offset tiles' merge scratch; FA3's P buffers beside
+        # own rings and right-edge blocks at D 128
+        too_big = ((knobs.get("consumers"), knobs.get("stages"), BT) == (3, 3, 1)
+                   or (knobs.get("overlap") and not knobs.get("share") and D == 128 and BI > 1))
         try:
             o, lse = two_simplicial_fwd(*inputs, w1, w2, scale, False, config={"ws": knobs})
-        except OutOfResources:   # three rings of three blocks beside one-offset tiles' merge scratch
-            assert (knobs.get("consumers"), knobs.get("stages"), BT) == (3, 3, 1), name
+        except OutOfResources:
+            assert too_big, name
             continue
+        assert not too_big, name
         out.copy_(o)
         assert torch.equal(out.isnan(), o0.isnan()), name
         # one position per unit and 64-key blocks: the Triton forward's blocks, so the same sums

@@ -19,9 +19,12 @@ window, the offsets of a query merged as split-KV decoding merges its splits), s
   runs a block's softmax while the previous block's ``P V`` is in flight (FA3's order), and with
   ``PINGPONG`` the two consumers of a pair issue their products in turn.
 
-Key blocks of a unit (positions ``first .. last``) are anchored at ``last + 1`` and walk left;
-the blocks holding keys past some row's position (the first ``ceil((last - first) / BN)``) and
-those past the left edge of some row's window are masked, the others run unmasked.
+Key blocks of a unit (positions ``first .. last``) are anchored at ``first + 1`` and walk left,
+as :mod:`.fwd`'s: every key is at or before every row's position, and only the blocks past the
+left edge of some row's window are masked. A unit of several positions (``EDGE``) has right-edge
+keys ``first + 1 .. last``, seen by some of its rows: each consumer loads them as one narrow
+block of ``BE`` keys at the start of the unit and folds them into its online softmax after the
+main blocks (once per tile; a whole extra block of 64 keys for them cost 1/8 of MHA's work).
 
 Scope (:data:`SCOPE`, :func:`supports`): one offset chunk (``ws <= BT``), the trilinear form,
 16-bit inputs, head dims 64 or 128, contiguous ``[B, S, H, D]`` keys and values. Not
@@ -79,15 +82,14 @@ def _unit(g, c, dims, BI: gl.constexpr, PAIRS: gl.constexpr):
 
 @gluon.jit
 def _blocks(first, last, WB, BN: gl.constexpr):
-    """Key blocks of positions ``first .. last``, ``[last + 1 - (k + 1) BN, last + 1 - k BN)``:
-    ``(n_blk, n_causal, n_full)``; blocks ``k < n_causal`` hold keys past some row's position,
-    blocks ``k >= n_full`` keys past the left edge of some row's window (or before the sequence)."""
-    hi = last + 1
+    """Key blocks of positions ``first .. last``, ``[first + 1 - (k + 1) BN, first + 1 - k BN)``:
+    ``(n_blk, n_full)``; blocks ``k >= n_full`` hold keys past the left edge of some row's window
+    (or before the sequence)."""
+    hi = first + 1
     lo = gl.maximum(first - WB + 1, 0)
     n_blk = (hi - lo + BN - 1) // BN
-    n_causal = (last - first + BN - 1) // BN
-    full_lo = gl.maximum(hi - WB, 0)               # keys in [full_lo, first] are in every row's window
-    return n_blk, n_causal, gl.minimum((hi - full_lo) // BN, n_blk)
+    full_lo = gl.maximum(last + 1 - WB, 0)         # keys in [full_lo, first] are in every row's window
+    return n_blk, gl.minimum(gl.maximum(hi - full_lo, 0) // BN, n_blk)
 
 
 @gluon.jit
@@ -132,8 +134,8 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
     """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffers of
     the consumer that takes each (``k % NCONS``), once that consumer has released them (with
     one ``v_s`` buffer, it serves the consumers in turn, released by each merge)."""
-    zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
+    zbuf, vsbuf, kbuf, vbuf, pbuf, kebuf, vebuf = bufs
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn, edge_ready = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     N_VS: gl.constexpr = vsbuf.type.shape[0]
     pid = gl.program_id(0)
@@ -168,8 +170,8 @@ def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.const
     released it; the tiles' ``v_s`` after the first ``NS`` blocks are in flight (the consumers
     release ``v_s`` in the previous pair's merge)."""
     kb_desc, vb_desc = outs[0], outs[1]
-    zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
+    zbuf, vsbuf, kbuf, vbuf, pbuf, kebuf, vebuf = bufs
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn, edge_ready = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -186,8 +188,8 @@ def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.const
             zbuf.index(c).store(z)
             fence_async_shared()
             mbarrier.arrive(z_ready.index(c), count=1)
-        n_blk, _n_causal, _n_full = _blocks(first, last, WB, BN)
-        row = b * S + last + 1 - BN                # block k: keys [last + 1 - (k + 1) BN, last + 1 - k BN)
+        n_blk, _n_full = _blocks(first, last, WB, BN)
+        row = b * S + first + 1 - BN               # block k: keys [first + 1 - (k + 1) BN, first + 1 - k BN)
         for blk in range(n_blk):
             slot = it % NS
             bar = kv_ready.index(slot)
@@ -226,8 +228,8 @@ def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bar
         lu += 1
         lb = 0
         b, lhk, _hblk, _i0, first, last = _unit(_my_unit(lu, pid, nprog, cid, NCONS, 0), cid, dims, BI, 0)
-        ln, _n_causal, _n_full = _blocks(first, last, WB, BN)
-        lrow = b * S + last + 1
+        ln, _n_full = _blocks(first, last, WB, BN)
+        lrow = b * S + first + 1
     return lu, lb, ln, lrow, lhk
 
 
@@ -261,11 +263,11 @@ def _pass_turn(turn, cid, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_block(s, m_i, l_i, masked, j, i_row, j_min, qk_scale):
+def _softmax_block(s, m_i, l_i, masked, j, j_min, qk_scale):
     """Online softmax (base 2) of one block of logits ``s``: (p, alpha, m, l). A masked block
-    keeps keys ``j_min < j <= i_row`` of each row (its window, inside the sequence)."""
+    keeps keys ``j > j_min`` of each row (its window, inside the sequence)."""
     if masked:
-        s = gl.where((j[None, :] > j_min[:, None]) & (j[None, :] <= i_row[:, None]), s, float("-inf"))
+        s = gl.where(j[None, :] > j_min[:, None], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -276,13 +278,14 @@ def _softmax_block(s, m_i, l_i, masked, j, i_row, j_min, qk_scale):
 def _consumer(cid, outs, bufs, bars, dims,
               D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr,
-              OVERLAP: gl.constexpr, PAIRS: gl.constexpr, PINGPONG: gl.constexpr):
+              OVERLAP: gl.constexpr, PAIRS: gl.constexpr, PINGPONG: gl.constexpr, EDGE: gl.constexpr,
+              BE: gl.constexpr):
     """Worker partition (one warpgroup): the program's tiles ``cid, cid + NCONS, ...``, or with
     ``PAIRS`` tile ``cid`` of each of the program's pairs. The kernel's tensors, buffers, barriers
     and sizes come packed, as :func:`_fwd_ws_kernel` makes them."""
-    kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1 = outs
-    zbuf, vsbuf, kbuf, vbuf, pbuf = bufs
-    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn = bars
+    kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1, ke_desc, ve_desc = outs
+    zbuf, vsbuf, kbuf, vbuf, pbuf, kebuf, vebuf = bufs
+    z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn, edge_ready = bars
     S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale = dims
     NQ: gl.constexpr = BI * BH                     # queries (position, head) per tile
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
@@ -290,6 +293,8 @@ def _consumer(cid, outs, bufs, bars, dims,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     out_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    se_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
+    se_rows: gl.constexpr = gl.SliceLayout(1, se_layout)
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     n_local = (T - pid + nprog - 1) // nprog
@@ -308,8 +313,8 @@ def _consumer(cid, outs, bufs, bars, dims,
     b0, lhk, _hblk0, _i00, first0, last0 = _unit(_my_unit(0, pid, nprog, cid, NCONS, PAIRS), cid, dims, BI, PAIRS)
     lu = 0
     lb = 0
-    ln, _n_causal0, _n_full0 = _blocks(first0, last0, WB, BN)
-    lrow = b0 * S + last0 + 1
+    ln, _n_full0 = _blocks(first0, last0, WB, BN)
+    lrow = b0 * S + first0 + 1
     if PAIRS == 0:
         for k0 in gl.static_range(NS):
             lu, lb, ln, lrow, lhk = _fetch(ring + k0, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
@@ -318,17 +323,24 @@ def _consumer(cid, outs, bufs, bars, dims,
     jj = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     p_row = gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout)) // (BH * BT)   # position of each row in the tile
     s_zero = gl.zeros([BM, BN], gl.float32, s_layout)
+    se_zero = gl.zeros([BM, BE], gl.float32, se_layout)
+    je = gl.arange(0, BE, layout=gl.SliceLayout(0, se_layout))
     it = 0                                          # blocks consumed
     tg = 0                                          # groups of products issued (PINGPONG)
     for u in range(n_mine):
         b, hk, hblk, i0, first, last = _unit(_my_unit(u, pid, nprog, cid, NCONS, PAIRS), cid, dims, BI, PAIRS)
-        n_blk, n_causal, n_full = _blocks(first, last, WB, BN)
+        n_blk, n_full = _blocks(first, last, WB, BN)
         i_row = i0 + p_row
         j_min = gl.maximum(i_row - WB, -1)          # keys j_min < j <= i_row are in a row's window
-        j_top = last + 1 - BN + jj                  # keys of block 0; block k: j_top - k BN
+        j_top = first + 1 - BN + jj                 # keys of block 0; block k: j_top - k BN
         m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.full([BM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BM, DV], gl.float32, o_layout)
+        if EDGE:                                    # the unit's right-edge keys, folded in after the main blocks
+            ebar = edge_ready.index(cid)
+            mbarrier.expect(ebar, ke_desc.block_type.nbytes + ve_desc.block_type.nbytes)
+            _tma_load(ke_desc, [b * S + first + 1, hk * D], ebar, kebuf.index(cid))
+            _tma_load(ve_desc, [b * S + first + 1, hk * DV], ebar, vebuf.index(cid))
         mbarrier.wait(z_ready.index(cid), u & 1)
         if OVERLAP:
             # FA3's order: S of block k + 1 is issued with P V of block k, and its softmax runs
@@ -348,8 +360,7 @@ def _consumer(cid, outs, bufs, bars, dims,
             _pass_turn(turn, cid, PINGPONG)
             tg += 1
             s = warpgroup_mma_wait(0, deps=(s, ))
-            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, (0 < n_causal) | (0 >= n_full), j_top, i_row, j_min,
-                                                qk_scale)
+            p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, 0 >= n_full, j_top, j_min, qk_scale)
             pbuf.index(pb).store(p.to(zbuf.dtype))
             fence_async_shared()
             for blk in range(n_blk - 1):
@@ -362,8 +373,8 @@ def _consumer(cid, outs, bufs, bars, dims,
                 _pass_turn(turn, cid, PINGPONG)
                 tg += 1
                 s = warpgroup_mma_wait(1, deps=(s, ))
-                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, (blk + 1 < n_causal) | (blk + 1 >= n_full),
-                                                    j_top - (blk + 1) * BN, i_row, j_min, qk_scale)
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk + 1 >= n_full, j_top - (blk + 1) * BN, j_min,
+                                                    qk_scale)
                 pb = ring2 + (blk + 1) % 2                 # the buffer P V of block k - 1 read (done)
                 pbuf.index(pb).store(p.to(zbuf.dtype))
                 fence_async_shared()
@@ -372,7 +383,6 @@ def _consumer(cid, outs, bufs, bars, dims,
                 lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
                                                 bars, dims, NCONS, BI, BN, D, DV, PAIRS)
                 it += 1
-            mbarrier.arrive(z_empty.index(cid), count=1)
             slot = ring + it % NS
             _issue_turn(turn, cid, tg, PINGPONG)
             acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
@@ -389,8 +399,7 @@ def _consumer(cid, outs, bufs, bars, dims,
                 # s[r, j] = <z_r, k_b[j]>
                 s = warpgroup_mma(zb, kbuf.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
-                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, (blk < n_causal) | (blk >= n_full),
-                                                    j_top - blk * BN, i_row, j_min, qk_scale)
+                p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk >= n_full, j_top - blk * BN, j_min, qk_scale)
                 acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
                 acc = warpgroup_mma(gl.convert_layout(p.to(zbuf.dtype), p_layout), vbuf.index(slot), acc,
                                     is_async=True)
@@ -399,7 +408,33 @@ def _consumer(cid, outs, bufs, bars, dims,
                 lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs,
                                                 bars, dims, NCONS, BI, BN, D, DV, PAIRS)
                 it += 1
-            mbarrier.arrive(z_empty.index(cid), count=1)
+
+        if EDGE:
+            # keys first + 1 .. first + BE: in row r's window iff i_r - WB < j <= i_r (and before S,
+            # as i_r is for the rows that exist); one more block of the online softmax
+            mbarrier.wait(edge_ready.index(cid), u & 1)
+            _issue_turn(turn, cid, tg, PINGPONG)
+            se = warpgroup_mma(zb, kebuf.index(cid).permute((1, 0)), se_zero, use_acc=False, is_async=True)
+            _pass_turn(turn, cid, PINGPONG)
+            tg += 1
+            se = warpgroup_mma_wait(0, deps=(se, ))
+            ir = gl.convert_layout(i_row, se_rows)
+            j_e = first + 1 + je
+            se = gl.where((j_e[None, :] <= ir[:, None]) & (j_e[None, :] > gl.maximum(ir - WB, -1)[:, None]), se,
+                          float("-inf"))
+            m_e = gl.convert_layout(m_i, se_rows)
+            m_new = gl.maximum(m_e, gl.max(se, 1) * qk_scale)
+            alpha_e = gl.exp2(m_e - m_new)
+            p_e = gl.exp2(se * qk_scale - m_new[:, None])
+            l_i = gl.convert_layout(l_i, se_rows) * alpha_e + gl.sum(p_e, 1)
+            m_i = m_new
+            acc = acc * gl.convert_layout(alpha_e, o_rows)[:, None]
+            _issue_turn(turn, cid, tg, PINGPONG)
+            acc = warpgroup_mma(gl.convert_layout(p_e.to(zbuf.dtype), p_layout), vebuf.index(cid), acc, is_async=True)
+            _pass_turn(turn, cid, PINGPONG)
+            tg += 1
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(z_empty.index(cid), count=1)
 
         # merge of the tile's offsets per query (fwd.py, (2)), in base 2
         r = gl.arange(0, BM, layout=o_rows)
@@ -442,13 +477,13 @@ def _consumer(cid, outs, bufs, bars, dims,
 
 
 @gluon.jit
-def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
+def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, ke_desc, ve_desc, O, LSE, CNT_S, CNT_B,
                    sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, so0, so1, so2, sl0, sl1,
                    S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale,
                    NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr,
                    BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, NCONS: gl.constexpr, OVERLAP: gl.constexpr,
-                   BI: gl.constexpr, PAIRS: gl.constexpr, PINGPONG: gl.constexpr, z_layout: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr):
+                   BI: gl.constexpr, PAIRS: gl.constexpr, PINGPONG: gl.constexpr, EDGE: gl.constexpr,
+                   BE: gl.constexpr, z_layout: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     zbuf = gl.allocate_shared_memory(dtype, [NCONS, BM, D], z_layout)
     vs_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, DV], dtype)
@@ -458,6 +493,12 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
     N_KV: gl.constexpr = NS if PAIRS != 0 else NCONS * NS
     kbuf = gl.allocate_shared_memory(dtype, [N_KV, BN, D], kb_desc.layout)
     vbuf = gl.allocate_shared_memory(dtype, [N_KV, BN, DV], vb_desc.layout)
+    if EDGE:                                       # each consumer's right-edge keys
+        kebuf = gl.allocate_shared_memory(dtype, [NCONS, BE, D], ke_desc.layout)
+        vebuf = gl.allocate_shared_memory(dtype, [NCONS, BE, DV], ve_desc.layout)
+    else:                                          # stand-ins, unused
+        kebuf = kbuf
+        vebuf = vbuf
     if OVERLAP:                                    # P of two blocks per consumer (FA3's order)
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], dtype)
         pbuf = gl.allocate_shared_memory(dtype, [2 * NCONS, BM, BN], p_layout)
@@ -476,44 +517,47 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, O, LSE, CNT_S, CNT_B,
         mbarrier.init(vs_ready.index(c), count=1)
         mbarrier.init(vs_empty.index(c), count=1)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    edge_ready = gl.allocate_shared_memory(gl.int64, [NCONS, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(2):
         mbarrier.init(turn.index(c), count=1)
+    for c in gl.static_range(NCONS):
+        mbarrier.init(edge_ready.index(c), count=1)
     for s in gl.static_range(N_KV):
         mbarrier.init(kv_ready.index(s), count=1)
         mbarrier.init(kv_empty.index(s), count=NCONS)    # released by every consumer (shared ring)
     # worker partitions take no distributed tensors: each consumer builds its own index vectors
-    outs = (kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1)
-    bufs = (zbuf, vsbuf, kbuf, vbuf, pbuf)
-    bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn)
+    outs = (kb_desc, vb_desc, O, LSE, CNT_S, CNT_B, so0, so1, so2, sl0, sl1, ke_desc, ve_desc)
+    bufs = (zbuf, vsbuf, kbuf, vbuf, pbuf, kebuf, vebuf)
+    bars = (z_ready, z_empty, vs_ready, vs_empty, kv_ready, kv_empty, turn, edge_ready)
     dims = (S, HKV, GQA, NHB, WS, WB, n_ph, T, qk_scale)
     ins = (Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2)
     if PAIRS != 0:                                 # two consumers (canonical_fwd_ws checks)
         gl.warp_specialize([(_builder_pairs, (ins, outs, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, BN, NS, PAIRS)),
                             (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
-                                         PINGPONG)),
+                                         PINGPONG, EDGE, BE)),
                             (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
-                                         PINGPONG))],
+                                         PINGPONG, EDGE, BE))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     elif NCONS == 2:
         gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, NCONS)),
                             (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
-                                         PINGPONG)),
+                                         PINGPONG, EDGE, BE)),
                             (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
-                                         PINGPONG))],
+                                         PINGPONG, EDGE, BE))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, NCONS)),
                             (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
-                                         PINGPONG)),
+                                         PINGPONG, EDGE, BE)),
                             (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
-                                         PINGPONG)),
+                                         PINGPONG, EDGE, BE)),
                             (_consumer, (2, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, BN, NS, NCONS, OVERLAP, PAIRS,
-                                         PINGPONG))],
+                                         PINGPONG, EDGE, BE))],
                            [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
 SCOPE = ("bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), contiguous k_b / v_b, 32-bit "
-         "offsets, and a small window that fits one tile (<= 64 offsets)")
+         "offsets, and a small window that fits one tile (<= 64 offsets; > 1 without GQA)")
 
 
 def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
@@ -526,7 +570,8 @@ def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
     # 32-bit indices: copy-engine rows of the [B * S, Hkv * D] views, position * stride offsets
     small = (plan.B * plan.S + 2 * BI) < 2 ** 31 and (plan.S + 2 * BI) * max(
         q.stride(1), ks.stride(1), vs.stride(1), plan.Hq * plan.Dv) < 2 ** 31
-    return plan.ws <= BT and small and all(t.is_contiguous() for t in (kb, vb))
+    # BI <= 32: a pair's right-edge keys fit one block of 64 (BI = 64 only for ws = 1 without GQA)
+    return plan.ws <= BT and BI <= 32 and small and all(t.is_contiguous() for t in (kb, vb))
 
 
 def pairs(gqa: int, ws: int) -> int:
@@ -573,6 +618,9 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
     if share and not n_pairs:
         raise ValueError(f"share: pairs of tiles need one head block or an even number per kv group; "
                          f"{plan.gqa} query heads per kv head in blocks of {BH} give {NHB}")
+    # right-edge keys of a unit of several positions: one narrow block of BE keys
+    span = 2 * BI if n_pairs == 2 else BI
+    BE = max(16, triton.next_power_of_2(span - 1))
     # work units per (batch, kv head): tiles, or pairs of tiles
     n_ph = S * (NHB // 2) if n_pairs == 1 else triton.cdiv(S, 2 * BI) if n_pairs == 2 else triton.cdiv(S, BI) * NHB
     T = n_ph * B * Hkv
@@ -583,15 +631,21 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
     # batch's rows (or zeros outside the tensor); the masks drop them
     kb_desc = TensorDescriptor(kb, [B * S, Hkv * D], [Hkv * D, 1], [block_n, D], k_layout)
     vb_desc = TensorDescriptor(vb, [B * S, Hkv * Dv], [Hkv * Dv, 1], [block_n, Dv], v_layout)
+    ke_desc, ve_desc = kb_desc, vb_desc
+    if span > 1:
+        ke_desc = TensorDescriptor(kb, [B * S, Hkv * D], [Hkv * D, 1], [BE, D],
+                                   gl.NVMMASharedLayout.get_default_for([BE, D], gdt))
+        ve_desc = TensorDescriptor(vb, [B * S, Hkv * Dv], [Hkv * Dv, 1], [BE, Dv],
+                                   gl.NVMMASharedLayout.get_default_for([BE, Dv], gdt))
     neg_z, qk_scale = z_scaling(scale)
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
     grid = (min(T, num_programs or n_sm),)
     kernel(_fwd_ws_kernel, q.device)[grid](
-        q, ks, vs, kb_desc, vb_desc, out, lse, *counts,
+        q, ks, vs, kb_desc, vb_desc, ke_desc, ve_desc, out, lse, *counts,
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
         S, Hkv, plan.gqa, NHB, ws, wb, n_ph, T, qk_scale,
         NEG_Z=neg_z, D=D, DV=Dv, BH=BH, BT=BT, BM=BM, BN=block_n, NS=stages, NCONS=consumers, OVERLAP=overlap,
-        BI=BI, PAIRS=n_pairs, PINGPONG=pingpong,
+        BI=BI, PAIRS=n_pairs, PINGPONG=pingpong, EDGE=span > 1, BE=BE,
         z_layout=gl.NVMMASharedLayout.get_default_for([BM, D], gdt),
         CONSUMER_REGS=consumer_regs or (200 if consumers == 2 else 144),
         num_warps=4, maxnreg=maxnreg or (168 if consumers == 2 else 128))
