@@ -108,6 +108,21 @@ def check_id_range(name: str, t: torch.Tensor, high: int, *, ignore_index: int |
         raise ValueError(f"{name} must hold ids in [0, {high}){also}, got {bad}")
 
 
+def check_head_shape(dim, heads, kv_heads, head_dim) -> tuple[int, int, int, int]:
+    """An attention layer's ``(dim, heads, kv_heads, head_dim)``: positive integers, ``heads`` a
+    multiple of ``kv_heads`` (``None``: ``heads``), ``head_dim`` given or ``dim / heads``."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    dim, heads, kv_heads = (check_int(name, v, 1, what="a positive integer")
+                            for name, v in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)))
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if head_dim is None:
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless head_dim is given")
+        head_dim = dim // heads
+    return dim, heads, kv_heads, check_int("head_dim", head_dim, 1, what="a positive integer")
+
+
 def check_layer_call(dim: int, x, start_pos, cache, cache_type: type) -> None:
     """An attention layer's ``forward(x [B, S, dim], start_pos, cache)`` arguments."""
     check_tensor("x", x, ndim=3, layout=f"[B, S, {dim}]")

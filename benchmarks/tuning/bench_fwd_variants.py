@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 import sys
 
@@ -150,6 +149,51 @@ def check(variants, gen, shapes=CHECK_SHAPES):
                   + ("  FAILED" if bad else ""), flush=True)
 
 
+def time_case(case, case_variants, gen, rounds, rep):
+    """Rows (one per variant, and cuDNN's) of one case: medians of ``rounds`` interleaved rounds.
+    The case's tensors live in this call only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, S, Hq, Hkv, D, Dv, w1, w2 = CASES[case]
+    form = FORMS.get(case, "trilinear")
+    Dm = min(D, Dv)                                        # head dim the FLOPs (and cuDNN) use
+    flops = 4 * Dm * n_triples(S, w1, w2) * B * Hq
+    L = w1 * w2                                            # FLOP-matched cuDNN SDPA, same run
+    flops_ref = 4 * S * L * Dm * Hq * B
+    q = rand(B, S, Hq, D, gen=gen)
+    k1, v1, k2, v2 = (rand(B, S, Hkv, d, gen=gen) for d in (D, Dv, D, Dv))
+    sq, sk, sv = rand(B, Hq, S, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen)
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(sq, sk, sv)
+    fns, diffs, base = {}, {}, None
+    for name, cfg in case_variants.items():
+        fwd, c = fwd_fn(cfg)
+        f = (lambda fwd=fwd, c=c: fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=c, form=form))
+        try:
+            out = f()[0]
+        except Exception as e:                             # e.g. out of shared memory, or out of scope
+            print(f"{case} {name} failed: {str(e)[:200]}", flush=True)
+            continue
+        diffs[name] = 0.0 if base is None else rel(out, base)
+        base = out if base is None else base
+        fns[name] = f
+    fns["sdpa-cudnn"] = sdpa
+    times = {name: [] for name in fns}
+    for _ in range(rounds):                                # interleaved: every variant once per round
+        for name, f in fns.items():
+            times[name].append(triton.testing.do_bench(f, warmup=50, rep=rep, return_mode="median"))
+    ref_ms = statistics.median(times["sdpa-cudnn"])
+    rows = []
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        n_flops = flops if name != "sdpa-cudnn" else flops_ref
+        rows.append(dict(case=case, variant=name, ms=ms, ms_rounds=ts, tflops=n_flops / ms / 1e9,
+                         x_cudnn=ref_ms / ms * n_flops / flops_ref, rel_diff_vs_first=diffs.get(name)))
+        print(f"time {case:10s} {name:22s} {ms:8.3f} ms {n_flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="default", help="comma-separated names of VARIANTS")
@@ -165,45 +209,8 @@ def main():
     rows = []
     for spec in args.cases.split(","):
         case, _, names = spec.partition(":")
-        case_variants = {n: variant(n) for n in names.split("+")} if names else variants
-        B, S, Hq, Hkv, D, Dv, w1, w2 = CASES[case]
-        form = FORMS.get(case, "trilinear")
-        Dm = min(D, Dv)                                    # head dim the FLOPs (and cuDNN) use
-        flops = 4 * Dm * n_triples(S, w1, w2) * B * Hq
-        q = rand(B, S, Hq, D, gen=gen)
-        k1, v1, k2, v2 = (rand(B, S, Hkv, d, gen=gen) for d in (D, Dv, D, Dv))
-        L = w1 * w2                                        # FLOP-matched cuDNN SDPA, same run
-        sq, sk, sv = rand(B, Hq, S, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen), rand(B, Hq, L, Dm, gen=gen)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def sdpa():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(sq, sk, sv)
-        fns, diffs, base = {}, {}, None
-        for name, cfg in case_variants.items():
-            fwd, c = fwd_fn(cfg)
-            f = (lambda fwd=fwd, c=c: fwd(q, k1, v1, k2, v2, w1, w2, Dm ** -0.5, False, config=c, form=form))
-            try:
-                out = f()[0]
-            except Exception as e:                         # e.g. out of shared memory, or out of scope
-                print(f"{case} {name} failed: {str(e)[:200]}", flush=True)
-                continue
-            diffs[name] = 0.0 if base is None else rel(out, base)
-            base = out if base is None else base
-            fns[name] = f
-        fns["sdpa-cudnn"] = sdpa
-        times = {name: [] for name in fns}
-        for _ in range(args.rounds):                       # interleaved: every variant once per round
-            for name, f in fns.items():
-                times[name].append(triton.testing.do_bench(f, warmup=50, rep=args.rep, return_mode="median"))
-        ref_ms = statistics.median(times["sdpa-cudnn"])
-        for name, ts in times.items():
-            ms = statistics.median(ts)
-            n_flops = flops if name != "sdpa-cudnn" else 4 * S * L * Dm * Hq * B
-            rows.append(dict(case=case, variant=name, ms=ms, ms_rounds=ts, tflops=n_flops / ms / 1e9,
-                             x_cudnn=ref_ms / ms * n_flops / (4 * S * L * Dm * Hq * B), rel_diff_vs_first=diffs.get(name)))
-            print(f"time {case:10s} {name:22s} {ms:8.3f} ms {n_flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
-        del q, k1, v1, k2, v2, sq, sk, sv, base, fns
+        rows += time_case(case, {n: variant(n) for n in names.split("+")} if names else variants, gen, args.rounds,
+                          args.rep)
         torch.cuda.empty_cache()
     from twosimplicial.ops.triton.fwd import _two_simplicial_fwd_kernel
     report_kernels([_two_simplicial_fwd_kernel])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_bool, check_int, check_layer_call, check_real
+from .._validate import check_bool, check_head_shape, check_layer_call, check_real
 from .cache import DotCache
 from .rotary import RotaryEmbedding
 
@@ -20,16 +20,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
                  rope_theta: float = 10000.0, bias: bool = False):
         super().__init__()
-        kv_heads = heads if kv_heads is None else kv_heads
-        dim, heads, kv_heads = (check_int(name, v, 1, what="a positive integer")
-                                for name, v in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)))
-        if heads % kv_heads:
-            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless head_dim is given")
-            head_dim = dim // heads
-        head_dim = check_int("head_dim", head_dim, 1, what="a positive integer")
+        dim, heads, kv_heads, head_dim = check_head_shape(dim, heads, kv_heads, head_dim)
         rope_theta = check_real("rope_theta", rope_theta, positive=True)
         check_bool("bias", bias)
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim

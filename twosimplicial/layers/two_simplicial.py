@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import nn
 
-from .._validate import check_bool, check_choice, check_int, check_layer_call, check_real
+from .._validate import check_bool, check_choice, check_head_shape, check_layer_call, check_real
 from ..ops import two_simplicial_attention
 from ..ops.forms import FORMS, REGISTRY, ROTARY_FORMS
 from ..ops.interface import BACKENDS, check_window
@@ -53,16 +53,7 @@ class TwoSimplicialAttention(nn.Module):
                  kv_offsets: bool | tuple[float, float] = False, bias: bool = False, backend: str = "auto",
                  rotary: bool = False, rope_theta: float = 10000.0):
         super().__init__()
-        kv_heads = heads if kv_heads is None else kv_heads
-        dim, heads, kv_heads = (check_int(name, v, 1, what="a positive integer")
-                                for name, v in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)))
-        if heads % kv_heads:
-            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless head_dim is given")
-            head_dim = dim // heads
-        head_dim = check_int("head_dim", head_dim, 1, what="a positive integer")
+        dim, heads, kv_heads, head_dim = check_head_shape(dim, heads, kv_heads, head_dim)
         check_choice("form", form, FORMS)
         if head_dim < REGISTRY[form].min_head_dim:
             raise ValueError(f"form={form!r} needs head_dim >= {REGISTRY[form].min_head_dim}, got {head_dim}")
