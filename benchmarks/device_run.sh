@@ -47,7 +47,7 @@ for part in $parts; do
           # warp-specialised forward), then ncu's L2 throughput of the Triton forward at gqa64
       python3 -m benchmarks.tuning.bench_fwd_variants --quick-check --out "$OUT/fwd-ws.json" \
         --variants default,ws,ws-overlap,ws-share,ws-share-bn128,ws-share-overlap,ws-pingpong,ws-pingpong-s3 \
-        --cases gqa64:default+ws+ws-overlap+ws-share+ws-share-bn128+ws-share-overlap+ws-pingpong+ws-pingpong-s3,mha:default+ws+ws-share+ws-share-overlap+ws-pingpong+ws-pingpong-s3,lm-h4-d64:default+ws+ws-share+ws-pingpong,lm-h2-d128:default+ws+ws-share+ws-pingpong \
+        --cases gqa64:default+ws+ws-overlap+ws-share+ws-share-bn128+ws-share-overlap+ws-pingpong+ws-pingpong-s3,mha:default+ws+ws-share+ws-share-overlap+ws-pingpong+ws-pingpong-s3,lm-h4-d64:default+ws+ws-share+ws-pingpong,lm-h2-d128:default+ws+ws-share+ws-pingpong,w256x64:default+ws-share+ws-pingpong \
         2>&1 | tee "$OUT/fwd-ws.log" | tail -45
       if command -v ncu > /dev/null; then
         ncu -k regex:_two_simplicial_fwd_kernel --launch-skip 1 -c 1 \
