@@ -13,15 +13,14 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from twosimplicial.ops import two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.chunked import chunked_two_simplicial_attention  # noqa: E402
 from twosimplicial.ops.naive import naive_two_simplicial_attention  # noqa: E402
-from triton.runtime.errors import OutOfResources  # noqa: E402
-
 from twosimplicial.ops.triton.common import pack_rows  # noqa: E402
 from twosimplicial.ops.triton.fwd import clean_values, two_simplicial_fwd  # noqa: E402
-from twosimplicial.ops.triton.fwd_ws import pairs  # noqa: E402
+from twosimplicial.ops.triton.fwd_ws import BM as WS_BM, pairs  # noqa: E402
 from twosimplicial.ops.triton.op import is_available, triton_two_simplicial  # noqa: E402
 
 
@@ -374,7 +373,7 @@ def test_gpu_ws_forward_matches_the_triton_forward(case):
     ro, rl = chunked_two_simplicial_attention(*(t.double() for t in inputs), w1, w2, scale)
     fin = torch.isfinite(ro)
     assert rel(o0[fin], ro[fin]) < 1e-2
-    BI, BH, BT = pack_rows(64, Hq // Hkv, min(w1, w2))
+    BI, BH, BT = pack_rows(WS_BM, Hq // Hkv, min(w1, w2))
     kind = pairs(Hq // Hkv, min(w1, w2))
     for name, knobs in WS_VARIANTS[D].items():
         if knobs.get("share") and not kind:             # an odd number of head blocks past one

@@ -131,8 +131,7 @@ def _hook(sink):
     fwd.kernel = lambda fn, device: _Compile(fn, sink, {})
     from twosimplicial.ops.triton import fwd_ws
     fwd_ws.kernel = fwd.kernel
-    # the persistent Gluon grid's size (one program per SM of an H100 / H200)
-    torch.cuda.get_device_properties = lambda device: type("Props", (), {"multi_processor_count": 132})()
+    fwd_ws.sm_count = lambda device: 132           # the persistent Gluon grid: one program per SM of an H100 / H200
     # GPU-only constants the host code derives from the tensors' device: the delta kernel's
     # block of positions, the rows kernel's bf16 0/1-matrix products
     bwd.kernel = lambda fn, device: _Compile(fn, sink, {"BS": 64, "ONEHOT_BF16": True})

@@ -69,7 +69,6 @@ forward's).
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
@@ -77,7 +76,7 @@ import triton.language as tl
 
 from ..plan import Plan, make_plan
 from .common import (chunk_columns, dks_from_sums, form_code, kernel, max_combine, pack_rows, padded, pow2,
-                     seq_block, strides, sum_combine, z_operands, z_scaling)
+                     seq_block, sm_count, strides, sum_combine, z_operands, z_scaling)
 
 
 @triton.jit
@@ -671,7 +670,7 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
     # H2: 256 programs). With few long programs (GQA-64: 128 programs, about one per SM)
     # running them together was slower, so they run in turn (docs/kernels.md, Two streams).
     # The caller's stream waits for the side stream before this returns.
-    concurrent = on_gpu and cfg.get("concurrent", 2 * keys_grid[0] * keys_grid[1] >= 3 * _sm_count(q.device))
+    concurrent = on_gpu and cfg.get("concurrent", 2 * keys_grid[0] * keys_grid[1] >= 3 * sm_count(q.device))
     main = torch.cuda.current_stream(q.device) if concurrent else None
     side = _side_stream(q.device) if concurrent else None
     if side is not None:
@@ -703,11 +702,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if idx not in _SIDE_STREAMS:
         _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx, priority=-1)
     return _SIDE_STREAMS[idx]
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

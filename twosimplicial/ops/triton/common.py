@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import types
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -77,6 +79,12 @@ def form_code(form: str, swap: bool) -> int:
     if form == "determinant":
         return 1 if swap else -1
     raise ValueError(f"form must be 'trilinear' or 'determinant' for the Triton kernels, got {form!r}")
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the size of a persistent grid, waves of a launch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import Plan
-from .common import kernel, pack_rows, z_scaling
+from .common import kernel, pack_rows, sm_count, z_scaling
 from .fwd import _window_holds
 
 # the copy engine's global -> shared load: async_copy_global_to_shared in triton 3.6, renamed
@@ -129,6 +129,18 @@ def _my_unit(u, pid, nprog, cid, NCONS: gl.constexpr, PAIRS: gl.constexpr):
 
 
 @gluon.jit
+def _hand_over(bufs, empty, ready, i, phase, x, ASYNC_READER: gl.constexpr):
+    """Store ``x`` into buffer ``i`` once its reader has released the previous contents (phase
+    ``phase`` of ``empty``; barriers start in phase 0, so waiting on phase 1 passes at once), then
+    signal ``ready``; a reader through the async proxy (wgmma) needs the fence between."""
+    mbarrier.wait(empty.index(i), phase ^ 1)
+    bufs.index(i).store(x)
+    if ASYNC_READER:
+        fence_async_shared()
+    mbarrier.arrive(ready.index(i), count=1)
+
+
+@gluon.jit
 def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr,
              BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, NCONS: gl.constexpr):
     """Default partition: ``z`` and ``v_s`` of the program's tiles, in order, into the buffers of
@@ -148,15 +160,9 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
         b = b.to(gl.int64)
         z = _gather(ins, b, hk, hblk, i0, S, GQA, WS, D, BH, BT, BM, False, NEG_Z)
         vs = _gather(ins, b, hk, hblk, i0, S, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
-        # barriers start in phase 0: waiting on phase 1 of an "empty" barrier passes at once
-        mbarrier.wait(z_empty.index(c), ph ^ 1)
-        zbuf.index(c).store(z)
-        fence_async_shared()                       # the consumer reads z through the async proxy (wgmma)
-        mbarrier.arrive(z_ready.index(c), count=1)
-        vc = k % N_VS                               # = c, or 0 with one shared buffer
-        mbarrier.wait(vs_empty.index(vc), ((k // N_VS) & 1) ^ 1)
-        vsbuf.index(vc).store(vs)
-        mbarrier.arrive(vs_ready.index(vc), count=1)
+        _hand_over(zbuf, z_empty, z_ready, c, ph, z, True)
+        # v_s buffer k % N_VS: the consumer's, or the one they share in turn
+        _hand_over(vsbuf, vs_empty, vs_ready, k % N_VS, (k // N_VS) & 1, vs, False)
 
 
 @gluon.jit
@@ -184,10 +190,7 @@ def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.const
         for c in gl.static_range(2):
             _b, _hk, hblk_c, i0_c, _first, _last = _unit(g, c, dims, BI, PAIRS)
             z = _gather(ins, b64, hk, hblk_c, i0_c, S, GQA, WS, D, BH, BT, BM, False, NEG_Z)
-            mbarrier.wait(z_empty.index(c), (u & 1) ^ 1)   # the consumer's last S of the previous pair
-            zbuf.index(c).store(z)
-            fence_async_shared()
-            mbarrier.arrive(z_ready.index(c), count=1)
+            _hand_over(zbuf, z_empty, z_ready, c, u & 1, z, True)   # after the consumer's last S of the previous pair
         n_blk, _n_full = _blocks(first, last, WB, BN)
         row = b * S + first + 1 - BN               # block k: keys [first + 1 - (k + 1) BN, first + 1 - k BN)
         for blk in range(n_blk):
@@ -202,9 +205,7 @@ def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.const
                 for c in gl.static_range(2):
                     _b, _hk, hblk_c, i0_c, _first, _last = _unit(g, c, dims, BI, PAIRS)
                     vs = _gather(ins, b64, hk, hblk_c, i0_c, S, GQA, WS, DV, BH, BT, BM, True, NEG_Z)
-                    mbarrier.wait(vs_empty.index(c), (u & 1) ^ 1)
-                    vsbuf.index(c).store(vs)
-                    mbarrier.arrive(vs_ready.index(c), count=1)
+                    _hand_over(vsbuf, vs_empty, vs_ready, c, u & 1, vs, False)
 
 
 @gluon.jit
@@ -638,8 +639,7 @@ def canonical_fwd_ws(plan: Plan, q, ks, vs, kb, vb, counts, scale: float, num_pr
         ve_desc = TensorDescriptor(vb, [B * S, Hkv * Dv], [Hkv * Dv, 1], [BE, Dv],
                                    gl.NVMMASharedLayout.get_default_for([BE, Dv], gdt))
     neg_z, qk_scale = z_scaling(scale)
-    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-    grid = (min(T, num_programs or n_sm),)
+    grid = (min(T, num_programs or sm_count(q.device)),)
     kernel(_fwd_ws_kernel, q.device)[grid](
         q, ks, vs, kb_desc, vb_desc, ke_desc, ve_desc, out, lse, *counts,
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
