@@ -4,7 +4,8 @@
 #   2. the kernel benchmark (benchmarks/bench_kernels.py -> JSON + PNG),
 #   3. tokens/s of a dot-product and a 2-simplicial LM of the same size (configs/gpu_*.toml,
 #      short runs), and the 2-simplicial one again under torch.compile;
-#   ws (not in the default parts): the warp-specialised forward prototype's timing.
+#   ws (not in the default parts): the warp-specialised Gluon prototypes' timing (forward; the
+#      backward's keys kernel).
 # Usage on the device: OUT=/some/dir bash benchmarks/device_run.sh [tests|bench|train|ws ...]
 # Wheels carried in .whl/ (carry: [".whl"]) are installed into /tmp/site first: with pytest-xdist's
 # (pytest_xdist, execnet) the GPU tests run in TEST_WORKERS processes (default 4), which compile
@@ -36,19 +37,25 @@ for part in $parts; do
     tests)
       workers=()
       if python3 -c "import xdist" 2> /dev/null; then workers=(-n "${TEST_WORKERS:-4}"); fi
-      # the warp-specialised Gluon prototype first, under a timeout: a wrong barrier phase hangs
-      # its kernel, and must not take the rest of the suite with it
-      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE "${workers[@]}" tests/test_triton.py -k ws_forward 2>&1 \
-        | tee "$OUT/gpu-tests-ws.log" | tail -5
-      python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=15 "${workers[@]}" -k "not ws_forward" tests/ 2>&1 \
+      # the warp-specialised Gluon prototypes first, under a timeout: a wrong barrier phase hangs
+      # a kernel, and must not take the rest of the suite with it
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE "${workers[@]}" tests/test_triton.py \
+        tests/test_triton_bwd.py -k "ws_forward or ws_keys" 2>&1 | tee "$OUT/gpu-tests-ws.log" | tail -8
+      python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=15 "${workers[@]}" \
+        -k "not ws_forward and not ws_keys" tests/ 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -40 ;;
     bench) python3 benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     ws)   # the warp-specialised forward's knobs against the Triton forward (docs/kernels.md, The
-          # warp-specialised forward), then ncu's L2 throughput of the Triton forward at gqa64
+          # warp-specialised forward), the warp-specialised keys kernel against the Triton one
+          # (whole backward and per kernel), then ncu's L2 throughput of the Triton forward at gqa64
       python3 -m benchmarks.tuning.bench_fwd_variants --quick-check --out "$OUT/fwd-ws.json" \
         --variants default,ws,ws-overlap,ws-share,ws-share-bn128,ws-share-overlap,ws-pingpong,ws-pingpong-s3 \
         --cases gqa64:default+ws+ws-overlap+ws-share+ws-share-bn128+ws-share-overlap+ws-pingpong+ws-pingpong-s3,mha:default+ws+ws-share+ws-share-overlap+ws-pingpong+ws-pingpong-s3,lm-h4-d64:default+ws+ws-share+ws-pingpong,lm-h2-d128:default+ws+ws-share+ws-pingpong,w256x64:default+ws-share+ws-pingpong \
         2>&1 | tee "$OUT/fwd-ws.log" | tail -45
+      ws_bwd='[["default", null], ["ws", {"ws": {}}], ["ws-s3", {"ws": {"stages": 3}}], ["ws-c224", {"ws": {"consumer_regs": 224}}]]'
+      timeout 300 python3 -m benchmarks.tuning.bench_bwd_variants --no-checks --out "$OUT/bwd-ws.json" --variants \
+        "{\"gqa64\": $ws_bwd, \"mha\": $ws_bwd, \"lm-h4-d64\": $ws_bwd, \"lm-h2-d128\": $ws_bwd}" \
+        2>&1 | tee "$OUT/bwd-ws.log" | grep -v "^  " | tail -20
       if command -v ncu > /dev/null; then
         ncu -k regex:_two_simplicial_fwd_kernel --launch-skip 1 -c 1 \
           --metrics lts__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_bytes.sum.per_second,sm__throughput.avg.pct_of_peak_sustained_elapsed \

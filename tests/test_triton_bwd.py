@@ -319,3 +319,60 @@ def test_slice_sums_add_every_partial_row_of_a_small_key(ws, S, cols, NHB, HKV, 
         assert got.dtype == dtype and got.shape == (B, S, HKV, cols) and got.is_contiguous()
         tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
         torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=tol, atol=tol)
+
+
+# the warp-specialised Gluon keys kernel (bwd_ws.py, not dispatched; config={"ws": knobs}):
+# (B, S, Hq, Hkv, D, w1, w2, dtype). MHA at D 128 (tiles of 4 positions x 16 offsets, two offset
+# chunks); GQA-64 (1 position x 4 heads x 16 offsets); D 64, fp16, windows swapped, S not a
+# multiple of a key block; GQA 3:1 (head blocks past the group) with three offset chunks; S = 1
+# and windows of 1 (integer arguments of 1 are constants on the GPU); windows past S; GQA-2
+# with a small window of 7 offsets
+WS_KEYS_CASES = [(1, 2048, 4, 4, 128, 512, 32, torch.bfloat16),
+                 (1, 1024, 64, 1, 128, 512, 32, torch.bfloat16),
+                 (2, 1000, 8, 8, 64, 32, 300, torch.float16),
+                 (1, 333, 12, 4, 64, 100, 45, torch.bfloat16),
+                 (2, 1, 4, 2, 64, 1, 1, torch.bfloat16),
+                 (1, 100, 4, 4, 64, 300, 200, torch.float16),
+                 (1, 500, 4, 2, 128, 200, 7, torch.bfloat16)]
+WS_KEYS_VARIANTS = {"default": {}, "stages3": {"stages": 3}, "rows16": {"builder_rows": 16}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", WS_KEYS_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_gpu_ws_keys_kernel_matches_the_triton_backward(case):
+    """The Gluon keys kernel's dk_b, dv_b against float64 autograd and the Triton keys kernel's;
+    the rows kernel's gradients (dq, the small window's) are the same computation, bit for bit,
+    and a rerun gives the same bits."""
+    from twosimplicial.ops.plan import make_plan
+    B, S, Hq, Hkv, D, w1, w2, dtype = case
+    gen = torch.Generator().manual_seed(19)
+    base, ref, args = _run(B, S, Hq, Hkv, D, D, w1, w2, dtype, gen, _chunked, device="cuda")
+    plan = make_plan(args[1].shape, args[3].shape, w1, w2, dtype, False)
+    big = (1, 2) if plan.swap else (3, 4)                # (dk, dv) of the big window: the keys kernel's
+    for name, knobs in WS_KEYS_VARIANTS.items():
+        got = two_simplicial_bwd(*args, config={"ws": knobs})
+        errs = _assert_within(got, ref, GPU_TOL[dtype])
+        for i, (g, t) in enumerate(zip(got, base)):
+            if i in big:
+                scale = max(t.double().norm().item(), 1e-30)
+                assert (g.double() - t.double()).norm().item() / scale < 2e-3, (name, NAMES[i], errs)
+            else:
+                assert torch.equal(g, t), (name, NAMES[i])
+        again = two_simplicial_bwd(*args, config={"ws": knobs})
+        assert all(torch.equal(a, b) for a, b in zip(got, again)), name
+
+
+def test_ws_keys_kernel_refuses_problems_outside_its_scope_and_bad_knobs():
+    gen = torch.Generator().manual_seed(20)
+    _, _, args = _run(1, 20, 4, 1, 16, 16, 8, 4, torch.float32, gen, _naive)
+    with pytest.raises(ValueError, match=r"config\['ws'\]: the warp-specialised keys kernel takes .*CUDA"):
+        two_simplicial_bwd(*args, config={"ws": {}})
+    from twosimplicial.ops.triton.bwd_ws import keys_ws
+    do, q, k1, v1, k2, v2, out, lse = args[:8]
+    t = (q, k2, v2, k1, v1, do, lse, lse, torch.empty_like(k1), torch.empty_like(v1), 4, 8, 0.25)
+    for tile, knobs, match in (((1, 1, 16), {}, r"tile: expected \(BI, BH, BT\) of 64 rows"),
+                               ((1, 4, 16), {"stages": 1}, "stages: expected at least 2"),
+                               ((1, 4, 16), {"builder_rows": 12}, "builder_rows: expected a divisor of 64"),
+                               ((1, 4, 16), {"builder_rows": 4}, "builder_rows: expected a divisor of 64")):
+        with pytest.raises(ValueError, match=match):
+            keys_ws(*t, tile, **knobs)

@@ -65,3 +65,19 @@ def test_gluon_forward_compiles_and_assembles_for_sm90a():
     assert set(lines) == set(cases), r.stdout
     assert all("(_fwd_ws_kernel)" in ln and re.search(r"regs \d+, spills \d+ / \d+ bytes", ln)
                for ln in lines.values()), r.stdout
+
+
+def test_gluon_keys_kernel_compiles_and_assembles_for_sm90a():
+    """The warp-specialised Gluon keys kernel of the backward (``bwd_ws``, not dispatched)
+    compiles under the installed triton and assembles for sm_90a: GQA-64 and MHA at D 128 (the
+    builder at 40 registers beside two 232-register consumers), fp16 at D 64, and S = 1 with
+    windows of 1 (integer arguments of 1 become constants)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cases = ("keys-ws-gqa64", "keys-ws-mha", "keys-ws-mha-d64", "keys-ws-s1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.tuning.ptx_hash", "--cases", ",".join(cases), "--ptxas"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("keys-ws-")}
+    assert set(lines) == set(cases), r.stdout
+    assert all("(_keys_ws_kernel)" in ln and re.search(r"regs \d+, spills \d+ / \d+ bytes", ln)
+               for ln in lines.values()), r.stdout

@@ -73,11 +73,17 @@ CASES = {
     "ws-gqa64-pingpong": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125,
                           {"ws": {"share": True, "overlap": True, "pingpong": True}}),
     "ws-mha-share": (1, 1024, 4, 4, 64, 64, 512, 32, BF16, False, -0.125, {"ws": {"share": True}}),
+    # the warp-specialised Gluon keys kernel of the backward (bwd_ws.py; that kernel only)
+    "keys-ws-gqa64": (1, 1024, 64, 1, 128, 128, 512, 32, BF16, False, 0.125, {"keys_ws": {}}),
+    "keys-ws-mha": (1, 1024, 4, 4, 128, 128, 512, 32, BF16, False, -0.125, {"keys_ws": {}}),
+    "keys-ws-mha-d64": (1, 1024, 4, 4, 64, 64, 512, 32, FP16, False, 0.125, {"keys_ws": {}}),
+    "keys-ws-s1": (2, 1, 4, 2, 64, 64, 1, 1, BF16, False, 0.125, {"keys_ws": {}}),   # integer args of 1 specialised
 }
 # cases named det-* compile the kernels' native determinant form (FORM = +-1); the others the trilinear
 # the kernels of each phase, in launch order
 FWD_NAMES = ("clean", "fwd")           # fwd.clean_values, then the forward
 WS_NAMES = ("ws",)                     # the Gluon forward alone
+KEYS_WS_NAMES = ("keys_ws",)           # the Gluon keys kernel alone
 BWD_NAMES = ("delta", "keys", "rows", "sum_dks", "sum_dvs")
 
 
@@ -132,6 +138,8 @@ def _hook(sink):
     from twosimplicial.ops.triton import fwd_ws
     fwd_ws.kernel = fwd.kernel
     fwd_ws.sm_count = lambda device: 132           # the persistent Gluon grid: one program per SM of an H100 / H200
+    from twosimplicial.ops.triton import bwd_ws
+    bwd_ws.kernel = fwd.kernel
     # GPU-only constants the host code derives from the tensors' device: the delta kernel's
     # block of positions, the rows kernel's bf16 0/1-matrix products
     bwd.kernel = lambda fn, device: _Compile(fn, sink, {"BS": 64, "ONEHOT_BF16": True})
@@ -188,10 +196,21 @@ def run_case(name, fwd, bwd, sink, fwd_config=None, bwd_config=None):
         counts = torch.zeros(2, B, Hkv, S, dtype=torch.int32)
         phases = (("ws", lambda: canonical_fwd_ws(plan, q, *plan.split(k1, v1, k2, v2), (counts[0], counts[1]), scale,
                                                   **config["ws"])), )
+    if "keys_ws" in config:   # the Gluon keys kernel (CUDA tensors only): its entry point, on the canonical problem
+        from twosimplicial.ops.plan import make_plan
+        from twosimplicial.ops.triton.bwd import bwd_config
+        from twosimplicial.ops.triton.bwd_ws import keys_ws
+        plan = make_plan(q.shape, v1.shape, w1, w2, dtype, tf32)
+        ks, vs, kb, vb = plan.split(k1, v1, k2, v2)
+        cfg = bwd_config(torch.device("cuda"), plan.ws, plan.gqa, D, Dv, q.element_size())
+        lse = torch.zeros(B, Hq, S)
+        phases = (("keys_ws", lambda: keys_ws(q, ks, vs, kb, vb, out, lse, lse, torch.empty_like(kb),
+                                              torch.empty_like(vb), plan.ws, plan.wb, scale,
+                                              (cfg["KBI"], cfg["KBH"], cfg["KBT"]), **config["keys_ws"])), )
     for phase, call in phases:
         sink.clear()
         call()
-        labels = {"fwd": FWD_NAMES, "bwd": BWD_NAMES, "ws": WS_NAMES}[phase]
+        labels = {"fwd": FWD_NAMES, "bwd": BWD_NAMES, "ws": WS_NAMES, "keys_ws": KEYS_WS_NAMES}[phase]
         assert len(sink) == len(labels), [n for n, _ in sink]
         for label, (fn_name, ptx) in zip(labels, sink):
             norm = normalise(ptx)

@@ -578,8 +578,9 @@ def two_simplicial_bwd(do, q, k1, v1, k2, v2, out, lse, w1, w2, scale, allow_tf3
     ``two_simplicial_fwd(..., keep_values=True)`` returns); lse ``[B, Hq, S]`` float32 (natural
     log) from the forward.
     Gradients come back in the inputs' dtypes and shapes. ``config`` overrides keys of
-    :func:`bwd_config` (tile sizes, stages) and ``concurrent`` (run the two kernels on two streams,
-    see ``_launch``): for benchmarks and tests. The window roles come from
+    :func:`bwd_config` (tile sizes, stages), ``concurrent`` (run the two kernels on two streams,
+    see ``_launch``) and ``ws`` (a dict of :func:`.bwd_ws.keys_ws`'s knobs: the warp-specialised
+    Gluon keys kernel in place of the Triton one): for benchmarks and tests. The window roles come from
     :func:`~twosimplicial.ops.plan.make_plan`, as in the forward."""
     plan = make_plan(q.shape, v1.shape, w1, w2, q.dtype, allow_tf32)
     dq, dks, dvs, dkb, dvb = canonical_bwd(plan, do, q, *plan.split(k1, v1, k2, v2), out, lse, scale, config, form)
@@ -606,6 +607,11 @@ def canonical_bwd(plan: Plan, do, q, ks, vs, kb, vb, out, lse, scale, config=Non
     dq = torch.empty_like(q)
     if form_id:   # the determinant form: the kernels read z's operands in place of q, k_s (z_operands)
         q, ks = z_operands(q, ks, form_id, z_scaling(scale)[0])
+    if (config or {}).get("ws") is not None:   # the warp-specialised Gluon keys kernel (bwd_ws.py), with its own knobs
+        from . import bwd_ws
+        if not bwd_ws.supports(plan, form, q, ks, vs, kb, vb, do):
+            raise ValueError(f"config['ws']: the warp-specialised keys kernel takes {bwd_ws.SCOPE}; got "
+                             f"{form} {q.dtype} on {q.device.type}, D {D}, Dv {DV}, S {S}")
     key = (q.dtype, D, DV, plan.precision)
     while True:
         cfg = bwd_config(q.device, ws, plan.gqa, D, DV, q.element_size(), _SHRINK.get(key, 0))
@@ -677,10 +683,15 @@ def _launch(do, q, ks, vs, kb, vb, lse, delta, dq, ws, wb, scale, precision, cfg
         side.wait_stream(main)
     try:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            kernel(_bwd_big_keys, q.device)[keys_grid](
-                *ins, dkb, dvb, *ins_strides, strides(dkb), strides(dvb),
-                S, HQ, HKV, GQA, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
-                BN=cfg["KBN"], num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
+            if cfg.get("ws") is not None:
+                from .bwd_ws import keys_ws
+                keys_ws(q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, ws, wb, scale, (cfg["KBI"], cfg["KBH"], cfg["KBT"]),
+                        **cfg["ws"])
+            else:
+                kernel(_bwd_big_keys, q.device)[keys_grid](
+                    *ins, dkb, dvb, *ins_strides, strides(dkb), strides(dvb),
+                    S, HQ, HKV, GQA, ws, wb, qk_scale, abs(float(scale)), BI=cfg["KBI"], BH=cfg["KBH"], BT=cfg["KBT"],
+                    BN=cfg["KBN"], num_warps=cfg["k_warps"], num_stages=cfg["k_stages"], **kw)
         kernel(_bwd_rows, q.device)[(B * HKV * NHB * NP,)](
             *ins, dq, dks_part, dvs_part, *ins_strides, strides(dq),
             S, HQ, HKV, GQA, NHB, NP, NB, ws, wb, qk_scale, float(scale), LB=LB,
