@@ -52,7 +52,7 @@ for part in $parts; do
         --variants default,ws,ws-overlap,ws-share,ws-share-bn128,ws-share-overlap,ws-pingpong,ws-pingpong-s3 \
         --cases gqa64:default+ws+ws-overlap+ws-share+ws-share-bn128+ws-share-overlap+ws-pingpong+ws-pingpong-s3,mha:default+ws+ws-share+ws-share-overlap+ws-pingpong+ws-pingpong-s3,lm-h4-d64:default+ws+ws-share+ws-pingpong,lm-h2-d128:default+ws+ws-share+ws-pingpong,w256x64:default+ws-share+ws-pingpong \
         2>&1 | tee "$OUT/fwd-ws.log" | tail -45
-      ws_bwd='[["default", null], ["ws", {"ws": {}}], ["ws-s3", {"ws": {"stages": 3}}], ["ws-c224", {"ws": {"consumer_regs": 224}}]]'
+      ws_bwd='[["default", null], ["ws", {"ws": {}}], ["ws-s3", {"ws": {"stages": 3}}], ["ws-c224", {"ws": {"consumer_regs": 224}}], ["ws-stage", {"ws": {"stage": true, "stages": 3}}]]'
       timeout 300 python3 -m benchmarks.tuning.bench_bwd_variants --no-checks --out "$OUT/bwd-ws.json" --variants \
         "{\"gqa64\": $ws_bwd, \"mha\": $ws_bwd, \"lm-h4-d64\": $ws_bwd, \"lm-h2-d128\": $ws_bwd}" \
         2>&1 | tee "$OUT/bwd-ws.log" | grep -v "^  " | tail -20

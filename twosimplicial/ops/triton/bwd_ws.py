@@ -36,11 +36,17 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
 from ..plan import Plan
 from .common import kernel, z_scaling
+
+# renamed between triton 3.6 and 3.9 (the old names raise or are gone): a barrier of the
+# partition's threads, and the cp.async global -> shared copy
+_thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 KN = 64        # keys per consumer (one warpgroup's wgmma M); a program owns 2 KN
 BM = 64        # virtual rows per tile (the products' N and K)
@@ -58,16 +64,16 @@ def _walk(k, j0, n_t, n_pt, BI: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr
 
 
 @gluon.jit
-def _gather_rows(ins, b, hk, h0, i0, t0, r0, dims, D: gl.constexpr, BR: gl.constexpr, BH: gl.constexpr,
-                 BT: gl.constexpr, VALUES: gl.constexpr, NEG_Z: gl.constexpr):
-    """Rows ``r0 .. r0 + BR`` of a tile (``r = (p BH + hh) BT + tt``, offset fastest): ``z`` or,
-    with ``VALUES``, ``dO'`` (``D`` is then the value head dim), rounded once to the input dtype.
-    Rows whose offset does not exist (``l < 0``, ``t >= ws``) or whose position or head does not
-    get 0, so they add nothing to ``dk_b``, ``dv_b``."""
+def _row_ptrs(ins, b, hk, h0, i0, t0, r0, dims, D: gl.constexpr, BR: gl.constexpr, BH: gl.constexpr,
+              BT: gl.constexpr, VALUES: gl.constexpr):
+    """Rows ``r0 .. r0 + BR`` of a tile (``r = (p BH + hh) BT + tt``, offset fastest), in the
+    builder's layout: pointers to the two factors of ``z`` (``q``, ``k_s``) or, with ``VALUES``,
+    of ``dO'`` (``dO``, ``v_s``; ``D`` is then the value head dim), and the rows that exist:
+    the others (offset past ``ws`` or before the sequence, position past ``S``, head past the
+    group) get 0, so they add nothing to ``dk_b``, ``dv_b``."""
     Q, KS, VS, DO, LSE, DELTA, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, sdo0, sdo1, sdo2 = ins
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
-    TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
+    layout: gl.constexpr = _rows_layout(D)
     r = r0 + gl.arange(0, BR, layout=gl.SliceLayout(1, layout))
     dd = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
     hl = h0 + (r // BT) % BH
@@ -77,25 +83,88 @@ def _gather_rows(ins, b, hk, h0, i0, t0, r0, dims, D: gl.constexpr, BR: gl.const
     ok = ((ii < S) & (hl < GQA) & (t < WS) & (l >= 0))[:, None]
     hq = hk * GQA + hl
     if VALUES:
-        x = gl.load(DO + b * sdo0 + ii[:, None] * sdo1 + hq[:, None] * sdo2 + dd[None, :], mask=ok, other=0.0)
-        y = gl.load(VS + b * svs0 + l[:, None] * svs1 + hk * svs2 + dd[None, :], mask=ok, other=0.0)
+        x = DO + b * sdo0 + ii[:, None] * sdo1 + hq[:, None] * sdo2 + dd[None, :]
+        y = VS + b * svs0 + l[:, None] * svs1 + hk * svs2 + dd[None, :]
     else:
-        x = gl.load(Q + b * sq0 + ii[:, None] * sq1 + hq[:, None] * sq2 + dd[None, :], mask=ok, other=0.0)
-        y = gl.load(KS + b * sks0 + l[:, None] * sks1 + hk * sks2 + dd[None, :], mask=ok, other=0.0)
-        if NEG_Z:
-            y = -y
-    return (x.to(gl.float32) * y.to(gl.float32)).to(Q.dtype.element_ty)
+        x = Q + b * sq0 + ii[:, None] * sq1 + hq[:, None] * sq2 + dd[None, :]
+        y = KS + b * sks0 + l[:, None] * sks1 + hk * sks2 + dd[None, :]
+    return x, y, ok
+
+
+@gluon.constexpr_function
+def _rows_layout(D):
+    """The builder's layout of ``[rows, D]``: 8 contiguous elements (16 bytes) per thread."""
+    tpw_c = min(D // 8, 32)
+    return gl.BlockedLayout([1, 8], [32 // tpw_c, tpw_c], [4, 1], [1, 0])
+
+
+@gluon.jit
+def _product(x, y, NEG: gl.constexpr):
+    """``x * y`` (``-x * y`` if ``NEG``) in fp32, rounded once to the inputs' dtype."""
+    if NEG:
+        y = -y
+    return (x.to(gl.float32) * y.to(gl.float32)).to(x.dtype)
+
+
+@gluon.jit
+def _gather_rows(ins, b, hk, h0, i0, t0, r0, dims, D: gl.constexpr, BR: gl.constexpr, BH: gl.constexpr,
+                 BT: gl.constexpr, VALUES: gl.constexpr, NEG_Z: gl.constexpr):
+    """Rows ``r0 .. r0 + BR`` of a tile's ``z`` or, with ``VALUES``, ``dO'`` (:func:`_row_ptrs`)."""
+    x, y, ok = _row_ptrs(ins, b, hk, h0, i0, t0, r0, dims, D, BR, BH, BT, VALUES)
+    return _product(gl.load(x, mask=ok, other=0.0), gl.load(y, mask=ok, other=0.0), NEG_Z and not VALUES)
+
+
+@gluon.jit
+def _copy_tile(ins, b, hk, h0, i0, t0, dims, zs, ds_, kst, vst, D: gl.constexpr, DV: gl.constexpr,
+               BR: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr):
+    """``STAGE``: a tile's factors by ``cp.async`` (no registers held while they are in flight),
+    ``q`` into its ``z`` slot ``zs``, ``k_s`` into ``kst``, ``dO`` into its ``dO'`` slot ``ds_``,
+    ``v_s`` into ``vst``; rows that do not exist are zero-filled. One commit group."""
+    for c in gl.static_range(BM // BR):
+        x, y, ok = _row_ptrs(ins, b, hk, h0, i0, t0, c * BR, dims, D, BR, BH, BT, False)
+        _cp_async(zs.slice(c * BR, BR), x, mask=ok)
+        _cp_async(kst.slice(c * BR, BR), y, mask=ok)
+        x, y, ok = _row_ptrs(ins, b, hk, h0, i0, t0, c * BR, dims, DV, BR, BH, BT, True)
+        _cp_async(ds_.slice(c * BR, BR), x, mask=ok)
+        _cp_async(vst.slice(c * BR, BR), y, mask=ok)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _form_in_place(xs, ys, D: gl.constexpr, BR: gl.constexpr, BM: gl.constexpr, NEG: gl.constexpr):
+    """``STAGE``: ``xs <- xs * ys`` (:func:`_product`), ``BR`` rows at a time."""
+    layout: gl.constexpr = _rows_layout(D)
+    for c in gl.static_range(BM // BR):
+        x = xs.slice(c * BR, BR).load(layout)
+        xs.slice(c * BR, BR).store(_product(x, ys.slice(c * BR, BR).load(layout), NEG))
+
+
+@gluon.jit
+def _rows_stats(LSE, DELTA, b, hk, h0, i0, dims, BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr):
+    """A tile's per-row ``Lse log2(e)`` and ``Delta`` (per position and head); rows outside the
+    problem get lse = inf, so P = dS = 0 there."""
+    S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
+    r = gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    hl = h0 + (r // BT) % BH
+    ii = i0 + r // (BH * BT)
+    qok = (ii < S) & (hl < GQA)
+    row = (b * HQ + hk * GQA + hl) * S + ii
+    return (gl.load(LSE + row, mask=qok, other=float("inf")) * 1.4426950408889634,
+            gl.load(DELTA + row, mask=qok, other=0.0))
 
 
 @gluon.jit
 def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr,
              BH: gl.constexpr, BT: gl.constexpr, BM: gl.constexpr, BR: gl.constexpr, KN: gl.constexpr,
-             NS: gl.constexpr):
-    """Default partition: every tile's ``z``, ``dO'`` (in chunks of ``BR`` rows, which bounds the
-    builder's registers), ``Lse log2(e)`` and ``Delta`` into ring slot ``k % NS`` once both
-    consumers have released the slot's previous tile."""
+             NS: gl.constexpr, STAGE: gl.constexpr):
+    """Default partition: every tile's ``z``, ``dO'``, ``Lse log2(e)`` and ``Delta`` into ring
+    slot ``k % NS`` once both consumers have released the slot's previous tile. ``z``, ``dO'``
+    in chunks of ``BR`` rows (which bounds the builder's registers): gathered and multiplied in
+    registers, or with ``STAGE`` copied by ``cp.async`` (tile k + 1's issued before tile k is
+    formed: ``q`` and ``dO`` into the ring slot itself, ``k_s`` and ``v_s`` into one of two
+    staging buffers) and multiplied in place."""
     LSE, DELTA = ins[4], ins[5]
-    zbuf, dbuf, lbuf, tbuf, kbuf, vbuf = bufs
+    zbuf, dbuf, lbuf, tbuf, kbuf, vbuf, kst, vst = bufs
     ready, empty = bars
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
     pid_bg = gl.program_id(0)
@@ -105,25 +174,37 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
     n_t = (WS + BT - 1) // BT
     n_pt = (gl.minimum(S, j0 + 2 * KN - 1 + WB) - j0 + BI - 1) // BI
     n_tiles = ((GQA + BH - 1) // BH) * n_pt * n_t
-    row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    r = gl.arange(0, BM, layout=row_layout)
+    if STAGE:                                       # tile 0's copies (a fresh slot: phase 1 passes at once)
+        h0, i0, t0 = _walk(0, j0, n_t, n_pt, BI, BH, BT)
+        mbarrier.wait(empty.index(0), 1)
+        _copy_tile(ins, b, hk, h0, i0, t0, dims, zbuf.index(0), dbuf.index(0), kst.index(0), vst.index(0),
+                   D, DV, BR, BH, BT, BM)
     for k in range(n_tiles):
         h0, i0, t0 = _walk(k, j0, n_t, n_pt, BI, BH, BT)
         slot = k % NS
-        # the rows' Lse (log2 units) and Delta, per (position, head); rows outside the problem
-        # get lse = inf, so P = dS = 0 there
-        hl = h0 + (r // BT) % BH
-        ii = i0 + r // (BH * BT)
-        qok = (ii < S) & (hl < GQA)
-        row = (b * HQ + hk * GQA + hl) * S + ii
-        lse2 = gl.load(LSE + row, mask=qok, other=float("inf")) * 1.4426950408889634
-        dlt = gl.load(DELTA + row, mask=qok, other=0.0)
-        mbarrier.wait(empty.index(slot), ((k // NS) & 1) ^ 1)     # phase 1 passes at once: a fresh slot
-        for c in gl.static_range(BM // BR):
-            z = _gather_rows(ins, b, hk, h0, i0, t0, c * BR, dims, D, BR, BH, BT, False, NEG_Z)
-            zbuf.index(slot).slice(c * BR, BR).store(z)
-            dop = _gather_rows(ins, b, hk, h0, i0, t0, c * BR, dims, DV, BR, BH, BT, True, NEG_Z)
-            dbuf.index(slot).slice(c * BR, BR).store(dop)
+        lse2, dlt = _rows_stats(LSE, DELTA, b, hk, h0, i0, dims, BH, BT, BM)
+        if STAGE:
+            # tile k + 1's copies, into its slot once released and the staging buffer tile k - 1
+            # was formed from (every thread was past that before tile k - 1's ready arrive)
+            if k + 1 < n_tiles:
+                h0n, i0n, t0n = _walk(k + 1, j0, n_t, n_pt, BI, BH, BT)
+                nxt = (k + 1) % NS
+                mbarrier.wait(empty.index(nxt), (((k + 1) // NS) & 1) ^ 1)
+                _copy_tile(ins, b, hk, h0n, i0n, t0n, dims, zbuf.index(nxt), dbuf.index(nxt), kst.index((k + 1) % 2),
+                           vst.index((k + 1) % 2), D, DV, BR, BH, BT, BM)
+            else:
+                async_copy.commit_group()           # an empty group: tile k's is always the second newest
+            async_copy.wait_group(1)                # this thread's copies of tile k have landed,
+            _thread_barrier()                       # and every thread's
+            _form_in_place(zbuf.index(slot), kst.index(k % 2), D, BR, BM, NEG_Z)
+            _form_in_place(dbuf.index(slot), vst.index(k % 2), DV, BR, BM, False)
+        else:
+            mbarrier.wait(empty.index(slot), ((k // NS) & 1) ^ 1)     # phase 1 passes at once: a fresh slot
+            for c in gl.static_range(BM // BR):
+                z = _gather_rows(ins, b, hk, h0, i0, t0, c * BR, dims, D, BR, BH, BT, False, NEG_Z)
+                zbuf.index(slot).slice(c * BR, BR).store(z)
+                dop = _gather_rows(ins, b, hk, h0, i0, t0, c * BR, dims, DV, BR, BH, BT, True, NEG_Z)
+                dbuf.index(slot).slice(c * BR, BR).store(dop)
         lbuf.index(slot).store(lse2)
         tbuf.index(slot).store(dlt)
         fence_async_shared()                                          # z, dO' are read by wgmma
@@ -137,7 +218,7 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
     against every tile of the ring; stores their ``dk_b`` (times ``|scale|``: ``z`` carries the
     scale's sign) and ``dv_b``."""
     KB, VB, DKB, DVB, skb0, skb1, skb2, svb0, svb1, svb2, sdk0, sdk1, sdk2, sdv0, sdv1, sdv2 = outs
-    zbuf, dbuf, lbuf, tbuf, kbuf, vbuf = bufs
+    zbuf, dbuf, lbuf, tbuf, kbuf, vbuf, kst, vst = bufs
     ready, empty = bars
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
     dtype: gl.constexpr = zbuf.dtype
@@ -156,14 +237,16 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
     a_v: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=v_layout, k_width=2)
 
     # the consumer's keys, once: k_b, v_b into shared memory (the A operands of S^T, dP^T)
-    TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
-    jl = j0 + cid * KN + gl.arange(0, KN, layout=gl.SliceLayout(1, ld))
-    dd = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
-    ee = gl.arange(0, DV, layout=gl.SliceLayout(0, ld))
-    jok = (jl < S)[:, None]
-    kbuf.index(cid).store(gl.load(KB + b * skb0 + jl[:, None] * skb1 + hk * skb2 + dd[None, :], mask=jok, other=0.0))
-    vbuf.index(cid).store(gl.load(VB + b * svb0 + jl[:, None] * svb1 + hk * svb2 + ee[None, :], mask=jok, other=0.0))
+    ld_k: gl.constexpr = _rows_layout(D)
+    ld_v: gl.constexpr = _rows_layout(DV)
+    jl = j0 + cid * KN + gl.arange(0, KN, layout=gl.SliceLayout(1, ld_k))
+    dd = gl.arange(0, D, layout=gl.SliceLayout(0, ld_k))
+    kbuf.index(cid).store(gl.load(KB + b * skb0 + jl[:, None] * skb1 + hk * skb2 + dd[None, :], mask=(jl < S)[:, None],
+                                  other=0.0))
+    jl = j0 + cid * KN + gl.arange(0, KN, layout=gl.SliceLayout(1, ld_v))
+    ee = gl.arange(0, DV, layout=gl.SliceLayout(0, ld_v))
+    vbuf.index(cid).store(gl.load(VB + b * svb0 + jl[:, None] * svb1 + hk * svb2 + ee[None, :], mask=(jl < S)[:, None],
+                                  other=0.0))
     fence_async_shared()
     kb = kbuf.index(cid)
     vb = vbuf.index(cid)
@@ -217,7 +300,7 @@ def _keys_ws_kernel(Q, KS, VS, KB, VB, DO, LSE, DELTA, DKB, DVB,
                     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale,
                     NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr,
                     BT: gl.constexpr, BM: gl.constexpr, BR: gl.constexpr, KN: gl.constexpr, NS: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr):
+                    STAGE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     zbuf = gl.allocate_shared_memory(dtype, [NS, BM, D], gl.NVMMASharedLayout.get_default_for([BM, D], dtype))
     dbuf = gl.allocate_shared_memory(dtype, [NS, BM, DV], gl.NVMMASharedLayout.get_default_for([BM, DV], dtype))
@@ -226,6 +309,12 @@ def _keys_ws_kernel(Q, KS, VS, KB, VB, DO, LSE, DELTA, DKB, DVB,
     tbuf = gl.allocate_shared_memory(gl.float32, [NS, BM], row_smem)
     kbuf = gl.allocate_shared_memory(dtype, [2, KN, D], gl.NVMMASharedLayout.get_default_for([KN, D], dtype))
     vbuf = gl.allocate_shared_memory(dtype, [2, KN, DV], gl.NVMMASharedLayout.get_default_for([KN, DV], dtype))
+    if STAGE:                                       # k_s, v_s rows of two tiles (the builder's cp.async)
+        kst = gl.allocate_shared_memory(dtype, [2, BM, D], gl.NVMMASharedLayout.get_default_for([BM, D], dtype))
+        vst = gl.allocate_shared_memory(dtype, [2, BM, DV], gl.NVMMASharedLayout.get_default_for([BM, DV], dtype))
+    else:                                           # stand-ins, unused
+        kst = zbuf
+        vst = dbuf
     ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(NS):
@@ -233,10 +322,10 @@ def _keys_ws_kernel(Q, KS, VS, KB, VB, DO, LSE, DELTA, DKB, DVB,
         mbarrier.init(empty.index(s), count=2)          # released by both consumers
     ins = (Q, KS, VS, DO, LSE, DELTA, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, sdo0, sdo1, sdo2)
     outs = (KB, VB, DKB, DVB, skb0, skb1, skb2, svb0, svb1, svb2, sdk0, sdk1, sdk2, sdv0, sdv1, sdv2)
-    bufs = (zbuf, dbuf, lbuf, tbuf, kbuf, vbuf)
+    bufs = (zbuf, dbuf, lbuf, tbuf, kbuf, vbuf, kst, vst)
     bars = (ready, empty)
     dims = (S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale)
-    gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, BR, KN, NS)),
+    gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, BR, KN, NS, STAGE)),
                         (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, KN, NS)),
                         (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, KN, NS))],
                        [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
@@ -256,22 +345,26 @@ def supports(plan: Plan, form: str, q, ks, vs, kb, vb, do) -> bool:
 
 
 def keys_ws(q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, ws: int, wb: int, scale: float, tile: tuple[int, int, int],
-            stages: int = NS, builder_rows: int | None = None, consumer_regs: int | None = None,
+            stages: int = NS, stage: bool = False, builder_rows: int | None = None, consumer_regs: int | None = None,
             maxnreg: int | None = None):
     """``dkb``, ``dvb`` (written) of the canonical problem, as :func:`.bwd._launch`'s keys kernel
     (same inputs: ``lse`` with the marked rows at +inf, ``delta`` from ``_delta``). ``tile`` is
     ``(BI, BH, BT)`` of :func:`.bwd.bwd_config`'s keys-kernel tile (``BI BH BT = 64`` rows).
-    Knobs: ``stages`` (ring slots, at least 2), ``builder_rows`` (rows the builder gathers at a
+    Knobs: ``stages`` (ring slots, at least 2), ``stage`` (the builder copies the factors of
+    ``z``, ``dO'`` with ``cp.async``, a tile ahead, and multiplies them in shared memory: no
+    registers held while loads are in flight), ``builder_rows`` (rows the builder gathers at a
     time: a divisor of 64, at least 8), the consumers' registers (the builder gets what the
     kernel's ``maxnreg`` leaves: 40 at D = 128, where the consumers' accumulators take 232, and
     136 at D = 64) and ``maxnreg``. The defaults had the fewest spills under ptxas (triton 3.6):
     at D = 128 8-row chunks (one 16-byte load per thread and tensor), 32-56 bytes (consumer
-    scalars, outside the products); at D = 64 32-row chunks, none."""
+    scalars, outside the products), or with ``stage`` 32-row chunks (fewer partition barriers;
+    36-72 bytes); at D = 64 32-row chunks, none. ``stage`` with 3 stages at D = 128 takes
+    231,224 of the 232,448 bytes of shared memory a block may have."""
     B, S, HQ, D = q.shape
     HKV, DV = kb.shape[2], vb.shape[3]
     BI, BH, BT = tile
     wide = max(D, DV) > 64
-    builder_rows = builder_rows or (8 if wide else 32)
+    builder_rows = builder_rows or (8 if wide and not stage else 32)
     consumer_regs = consumer_regs or (232 if wide else 184)
     if BI * BH * BT != BM:
         raise ValueError(f"tile: expected (BI, BH, BT) of {BM} rows, got {tile}")
@@ -286,5 +379,5 @@ def keys_ws(q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, ws: int, wb: int, scale
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *kb.stride()[:3], *vb.stride()[:3],
         *do.stride()[:3], *dkb.stride()[:3], *dvb.stride()[:3],
         S, HQ, HKV, HQ // HKV, ws, wb, qk_scale, abs(float(scale)),
-        NEG_Z=neg_z, D=D, DV=DV, BI=BI, BH=BH, BT=BT, BM=BM, BR=builder_rows, KN=KN, NS=stages,
+        NEG_Z=neg_z, D=D, DV=DV, BI=BI, BH=BH, BT=BT, BM=BM, BR=builder_rows, KN=KN, NS=stages, STAGE=stage,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg or 168)
