@@ -4,9 +4,9 @@
 #   2. the kernel benchmark (benchmarks/bench_kernels.py -> JSON + PNG),
 #   3. tokens/s of a dot-product and a 2-simplicial LM of the same size (configs/gpu_*.toml,
 #      short runs), and the 2-simplicial one again under torch.compile;
-#   ws (not in the default parts): the warp-specialised Gluon prototypes' timing (forward; the
-#      backward's keys kernel).
-# Usage on the device: OUT=/some/dir bash benchmarks/device_run.sh [tests|bench|train|ws ...]
+#   ws, ws-bwd (not in the default parts): the warp-specialised Gluon prototypes' timing (the
+#      forward; the backward's keys kernel), one part per call (each may take most of 10 min).
+# Usage on the device: OUT=/some/dir bash benchmarks/device_run.sh [tests|bench|train|ws|ws-bwd ...]
 # Wheels carried in .whl/ (carry: [".whl"]) are installed into /tmp/site first: with pytest-xdist's
 # (pytest_xdist, execnet) the GPU tests run in TEST_WORKERS processes (default 4), which compile
 # their Triton kernels side by side (the suite alone took about 500 s on a fresh H100).
@@ -46,21 +46,22 @@ for part in $parts; do
         | tee "$OUT/gpu-tests.log" | tail -40 ;;
     bench) python3 benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
     ws)   # the warp-specialised forward's knobs against the Triton forward (docs/kernels.md, The
-          # warp-specialised forward), the warp-specialised keys kernel against the Triton one
-          # (whole backward and per kernel), then ncu's L2 throughput of the Triton forward at gqa64
+          # warp-specialised forward), then ncu's L2 throughput of the Triton forward at gqa64
       python3 -m benchmarks.tuning.bench_fwd_variants --quick-check --out "$OUT/fwd-ws.json" \
         --variants default,ws,ws-overlap,ws-share,ws-share-bn128,ws-share-overlap,ws-pingpong,ws-pingpong-s3 \
         --cases gqa64:default+ws+ws-overlap+ws-share+ws-share-bn128+ws-share-overlap+ws-pingpong+ws-pingpong-s3,mha:default+ws+ws-share+ws-share-overlap+ws-pingpong+ws-pingpong-s3,lm-h4-d64:default+ws+ws-share+ws-pingpong,lm-h2-d128:default+ws+ws-share+ws-pingpong,w256x64:default+ws-share+ws-pingpong \
         2>&1 | tee "$OUT/fwd-ws.log" | tail -45
-      ws_bwd='[["default", null], ["ws", {"ws": {}}], ["ws-s3", {"ws": {"stages": 3}}], ["ws-c224", {"ws": {"consumer_regs": 224}}], ["ws-stage", {"ws": {"stage": true, "stages": 3}}]]'
-      timeout 300 python3 -m benchmarks.tuning.bench_bwd_variants --no-checks --out "$OUT/bwd-ws.json" --variants \
-        "{\"gqa64\": $ws_bwd, \"mha\": $ws_bwd, \"lm-h4-d64\": $ws_bwd, \"lm-h2-d128\": $ws_bwd}" \
-        2>&1 | tee "$OUT/bwd-ws.log" | grep -v "^  " | tail -20
       if command -v ncu > /dev/null; then
         ncu -k regex:_two_simplicial_fwd_kernel --launch-skip 1 -c 1 \
           --metrics lts__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_bytes.sum.per_second,sm__throughput.avg.pct_of_peak_sustained_elapsed \
           python3 -m benchmarks.tuning.profile_once --case gqa64 > "$OUT/ncu-l2.txt" 2>&1; tail -8 "$OUT/ncu-l2.txt"
       fi ;;
+    ws-bwd)   # the warp-specialised keys kernel's knobs against the Triton one, the whole backward and
+              # per kernel (docs/kernels.md, The warp-specialised keys kernel)
+      ws_bwd='[["default", null], ["ws", {"ws": {}}], ["ws-s3", {"ws": {"stages": 3}}], ["ws-c224", {"ws": {"consumer_regs": 224}}], ["ws-stage", {"ws": {"stage": true, "stages": 3}}]]'
+      timeout 540 python3 -m benchmarks.tuning.bench_bwd_variants --no-checks --out "$OUT/bwd-ws.json" --variants \
+        "{\"gqa64\": $ws_bwd, \"mha\": $ws_bwd, \"lm-h4-d64\": $ws_bwd, \"lm-h2-d128\": $ws_bwd}" \
+        2>&1 | tee "$OUT/bwd-ws.log" | grep -v "^  " | tail -20 ;;
     train)
       common=(--set train.max_steps=$steps --set train.eval_interval=100000 --set train.ckpt_interval=100000
               --set train.log_interval=10 --set train.progress=false --set data.code_max_bytes=30000000

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import torch
 import triton
@@ -87,7 +88,6 @@ def load_module(path):
 def report_kernels(kernels):
     """Registers, spills and shared memory of every compiled version of ``kernels`` (Triton
     JITFunctions of this process), and what ptxas -v says about them (C7514: serialised wgmma)."""
-    import os
     import subprocess
     import tempfile
 
@@ -219,16 +219,20 @@ def main():
         if a.configs == "final":   # rows kernel: 64-row tiles against 128 keys
             v = {"default": None, "rows64-n128": dict(BI=2 // kbh_all, BH=kbh_all, BT=32, BN=128)}
         return list(v.items()) if a.configs in ("sweep", "final") else [("default", None)]
+    def save():   # after every case, atomically: a run stopped by a timeout keeps what it timed
+        with open(a.out + ".tmp", "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=rows), f, indent=1)
+        os.replace(a.out + ".tmp", a.out)
     var = json.loads(a.variants) if a.variants else None
     if not a.quick:
         for name in var or ("gqa64", "mha"):
             configs = var[name] if var else sweep((4 if a.configs == "sweep" else 2) if name == "gqa64" else 1)
             time_case(rows, name, *CASES[name], configs)
+            save()
     from twosimplicial.ops.triton.bwd import _bwd_big_keys, _bwd_rows
     report_kernels([_bwd_big_keys, _bwd_rows])
-    with open(a.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows), f, indent=1)
+    save()
 
 
 if __name__ == "__main__":
