@@ -9,7 +9,8 @@ has the math), with the work of a program split over partitions:
   order (head blocks, then positions, then offset chunks), gathers ``q``, ``k_s``, ``dO`` and
   ``v_s``, forms ``z = q * k_s`` and ``dO' = dO * v_s`` (one rounding to the input dtype each,
   as everywhere) and the rows' ``Lse * log2(e)`` and ``Delta``, and stores them into a ring of
-  ``NS`` slots in shared memory;
+  ``NS`` slots in shared memory (with ``stage``, the factors come a tile ahead by ``cp.async``
+  and are multiplied in shared memory: a builder of few registers keeps its loads in flight);
 - two *consumers* (one warpgroup each) own ``KN = 64`` keys of the block each: their ``k_b``,
   ``v_b`` in shared memory, their ``dk_b``, ``dv_b`` accumulators in registers. Per tile:
   ``S^T = k_b z^T``, ``dP^T = v_b dO'^T``, ``P^T``, ``dS^T = P^T (dP^T - Delta)``, then
