@@ -58,9 +58,11 @@ for part in $parts; do
       fi ;;
     ws-bwd)   # the warp-specialised keys kernel's knobs against the Triton one, the whole backward and
               # per kernel (docs/kernels.md, The warp-specialised keys kernel)
-      ws_bwd='[["default", null], ["ws", {"ws": {}}], ["ws-s3", {"ws": {"stages": 3}}], ["ws-c224", {"ws": {"consumer_regs": 224}}], ["ws-stage", {"ws": {"stage": true, "stages": 3}}]]'
+      ws_lm='["default", null], ["ws", {"ws": {}}], ["ws-stage", {"ws": {"stage": true, "stages": 3}}], ["ws-pingpong", {"ws": {"pingpong": true}}], ["ws-stage-pingpong", {"ws": {"stage": true, "stages": 3, "pingpong": true}}]'
+      ws_all="[$ws_lm, [\"ws-s3\", {\"ws\": {\"stages\": 3}}], [\"ws-c224\", {\"ws\": {\"consumer_regs\": 224}}]]"
+      # JSON saved after each case: a run the timeout stops keeps the cases it finished
       timeout 540 python3 -m benchmarks.tuning.bench_bwd_variants --no-checks --out "$OUT/bwd-ws.json" --variants \
-        "{\"gqa64\": $ws_bwd, \"mha\": $ws_bwd, \"lm-h4-d64\": $ws_bwd, \"lm-h2-d128\": $ws_bwd}" \
+        "{\"gqa64\": $ws_all, \"mha\": $ws_all, \"lm-h4-d64\": [$ws_lm], \"lm-h2-d128\": [$ws_lm]}" \
         2>&1 | tee "$OUT/bwd-ws.log" | grep -v "^  " | tail -20 ;;
     train)
       common=(--set train.max_steps=$steps --set train.eval_interval=100000 --set train.ckpt_interval=100000

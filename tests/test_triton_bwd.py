@@ -335,7 +335,8 @@ WS_KEYS_CASES = [(1, 2048, 4, 4, 128, 512, 32, torch.bfloat16),
                  (1, 100, 4, 4, 64, 300, 200, torch.float16),
                  (1, 500, 4, 2, 128, 200, 7, torch.bfloat16)]
 WS_KEYS_VARIANTS = {"default": {}, "stages3": {"stages": 3}, "rows16": {"builder_rows": 16},
-                    "stage": {"stage": True, "stages": 3}, "stage-s2-rows8": {"stage": True, "builder_rows": 8}}
+                    "stage": {"stage": True, "stages": 3}, "stage-s2-rows8": {"stage": True, "builder_rows": 8},
+                    "pingpong": {"pingpong": True}, "stage-pingpong": {"stage": True, "stages": 3, "pingpong": True}}
 
 
 @pytest.mark.gpu

@@ -72,9 +72,9 @@ def test_gluon_keys_kernel_compiles_and_assembles_for_sm90a():
     compiles under the installed triton and assembles for sm_90a: GQA-64 and MHA at D 128 (the
     builder at 40 registers beside two 232-register consumers), fp16 at D 64, S = 1 with
     windows of 1 (integer arguments of 1 become constants), and the builder's ``cp.async``
-    staging at MHA D 128."""
+    staging with the consumers' ping-pong at MHA D 128."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = ("keys-ws-gqa64", "keys-ws-mha", "keys-ws-mha-d64", "keys-ws-s1", "keys-ws-stage")
+    cases = ("keys-ws-gqa64", "keys-ws-mha", "keys-ws-mha-d64", "keys-ws-s1", "keys-ws-stage-pingpong")
     r = subprocess.run([sys.executable, "-m", "benchmarks.tuning.ptx_hash", "--cases", ",".join(cases), "--ptxas"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

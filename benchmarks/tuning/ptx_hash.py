@@ -78,7 +78,8 @@ CASES = {
     "keys-ws-mha": (1, 1024, 4, 4, 128, 128, 512, 32, BF16, False, -0.125, {"keys_ws": {}}),
     "keys-ws-mha-d64": (1, 1024, 4, 4, 64, 64, 512, 32, FP16, False, 0.125, {"keys_ws": {}}),
     "keys-ws-s1": (2, 1, 4, 2, 64, 64, 1, 1, BF16, False, 0.125, {"keys_ws": {}}),   # integer args of 1 specialised
-    "keys-ws-stage": (1, 1024, 4, 4, 128, 128, 512, 32, BF16, False, -0.125, {"keys_ws": {"stage": True, "stages": 3}}),
+    "keys-ws-stage-pingpong": (1, 1024, 4, 4, 128, 128, 512, 32, BF16, False, -0.125,
+                               {"keys_ws": {"stage": True, "stages": 3, "pingpong": True}}),
 }
 # cases named det-* compile the kernels' native determinant form (FORM = +-1); the others the trilinear
 # the kernels of each phase, in launch order

@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ..plan import Plan
 from .common import kernel, z_scaling
+from .fwd_ws import _issue_turn, _pass_turn
 
 # renamed between triton 3.6 and 3.9 (the old names raise or are gone): a barrier of the
 # partition's threads, and the cp.async global -> shared copy
@@ -166,7 +167,7 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
     staging buffers) and multiplied in place."""
     LSE, DELTA = ins[4], ins[5]
     zbuf, dbuf, lbuf, tbuf, kbuf, vbuf, kst, vst = bufs
-    ready, empty = bars
+    ready, empty, _turn = bars
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
     pid_bg = gl.program_id(0)
     b = (pid_bg // HKV).to(gl.int64)
@@ -214,13 +215,16 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
 
 @gluon.jit
 def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr,
-              BT: gl.constexpr, BM: gl.constexpr, KN: gl.constexpr, NS: gl.constexpr):
+              BT: gl.constexpr, BM: gl.constexpr, KN: gl.constexpr, NS: gl.constexpr, PINGPONG: gl.constexpr):
     """Worker partition (one warpgroup): keys ``j0 + cid KN .. + KN`` of the program's block
     against every tile of the ring; stores their ``dk_b`` (times ``|scale|``: ``z`` carries the
-    scale's sign) and ``dv_b``."""
+    scale's sign) and ``dv_b``. With ``PINGPONG`` the two consumers issue their groups of
+    products (``S^T``, ``dP^T``; ``dv_b``, ``dk_b``) in turn, so that one's exponentials run
+    while the other's products do (FA3's ping-pong; both read the same tiles, and without it
+    they tend to compute in step)."""
     KB, VB, DKB, DVB, skb0, skb1, skb2, svb0, svb1, svb2, sdk0, sdk1, sdk2, sdv0, sdv1, sdv2 = outs
     zbuf, dbuf, lbuf, tbuf, kbuf, vbuf, kst, vst = bufs
-    ready, empty = bars
+    ready, empty, turn = bars
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
     dtype: gl.constexpr = zbuf.dtype
     pid_bg = gl.program_id(0)
@@ -264,8 +268,10 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
         zs = zbuf.index(slot)
         ds_ = dbuf.index(slot)
         # S^T = k_b z^T and dP^T = v_b dO'^T, both issued before either is waited for
+        _issue_turn(turn, cid, 2 * k, PINGPONG)
         sT = warpgroup_mma(kb, zs.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dpT = warpgroup_mma(vb, ds_.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, cid, PINGPONG)
         lse2 = lbuf.index(slot).load(gl.SliceLayout(0, s_layout))
         dlt = tbuf.index(slot).load(gl.SliceLayout(0, s_layout))
         sT = warpgroup_mma_wait(1, deps=(sT, ))
@@ -277,8 +283,12 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
         dpT = warpgroup_mma_wait(0, deps=(dpT, ))
         dsT = pT * (dpT - dlt[None, :])
         # dv_b += P^T dO';  dk_b += dS^T z
-        dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), a_v), ds_, dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(dsT.to(dtype), a_k), zs, dk, is_async=True)
+        pT = gl.convert_layout(pT.to(dtype), a_v)
+        dsT = gl.convert_layout(dsT.to(dtype), a_k)
+        _issue_turn(turn, cid, 2 * k + 1, PINGPONG)
+        dv = warpgroup_mma(pT, ds_, dv, is_async=True)
+        dk = warpgroup_mma(dsT, zs, dk, is_async=True)
+        _pass_turn(turn, cid, PINGPONG)
         dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(empty.index(slot), count=1)
 
@@ -301,7 +311,7 @@ def _keys_ws_kernel(Q, KS, VS, KB, VB, DO, LSE, DELTA, DKB, DVB,
                     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale,
                     NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr,
                     BT: gl.constexpr, BM: gl.constexpr, BR: gl.constexpr, KN: gl.constexpr, NS: gl.constexpr,
-                    STAGE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                    STAGE: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     zbuf = gl.allocate_shared_memory(dtype, [NS, BM, D], gl.NVMMASharedLayout.get_default_for([BM, D], dtype))
     dbuf = gl.allocate_shared_memory(dtype, [NS, BM, DV], gl.NVMMASharedLayout.get_default_for([BM, DV], dtype))
@@ -321,14 +331,17 @@ def _keys_ws_kernel(Q, KS, VS, KB, VB, DO, LSE, DELTA, DKB, DVB,
     for s in gl.static_range(NS):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)          # released by both consumers
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG
+    for c in gl.static_range(2):
+        mbarrier.init(turn.index(c), count=1)
     ins = (Q, KS, VS, DO, LSE, DELTA, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, sdo0, sdo1, sdo2)
     outs = (KB, VB, DKB, DVB, skb0, skb1, skb2, svb0, svb1, svb2, sdk0, sdk1, sdk2, sdv0, sdv1, sdv2)
     bufs = (zbuf, dbuf, lbuf, tbuf, kbuf, vbuf, kst, vst)
-    bars = (ready, empty)
+    bars = (ready, empty, turn)
     dims = (S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale)
     gl.warp_specialize([(_builder, (ins, bufs, bars, dims, NEG_Z, D, DV, BI, BH, BT, BM, BR, KN, NS, STAGE)),
-                        (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, KN, NS)),
-                        (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, KN, NS))],
+                        (_consumer, (0, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, KN, NS, PINGPONG)),
+                        (_consumer, (1, outs, bufs, bars, dims, D, DV, BI, BH, BT, BM, KN, NS, PINGPONG))],
                        [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -346,14 +359,15 @@ def supports(plan: Plan, form: str, q, ks, vs, kb, vb, do) -> bool:
 
 
 def keys_ws(q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, ws: int, wb: int, scale: float, tile: tuple[int, int, int],
-            stages: int = NS, stage: bool = False, builder_rows: int | None = None, consumer_regs: int | None = None,
-            maxnreg: int | None = None):
+            stages: int = NS, stage: bool = False, pingpong: bool = False, builder_rows: int | None = None,
+            consumer_regs: int | None = None, maxnreg: int | None = None):
     """``dkb``, ``dvb`` (written) of the canonical problem, as :func:`.bwd._launch`'s keys kernel
     (same inputs: ``lse`` with the marked rows at +inf, ``delta`` from ``_delta``). ``tile`` is
     ``(BI, BH, BT)`` of :func:`.bwd.bwd_config`'s keys-kernel tile (``BI BH BT = 64`` rows).
     Knobs: ``stages`` (ring slots, at least 2), ``stage`` (the builder copies the factors of
     ``z``, ``dO'`` with ``cp.async``, a tile ahead, and multiplies them in shared memory: no
-    registers held while loads are in flight), ``builder_rows`` (rows the builder gathers at a
+    registers held while loads are in flight), ``pingpong`` (the consumers issue their products
+    in turn), ``builder_rows`` (rows the builder gathers at a
     time: a divisor of 64, at least 8), the consumers' registers (the builder gets what the
     kernel's ``maxnreg`` leaves: 40 at D = 128, where the consumers' accumulators take 232, and
     136 at D = 64) and ``maxnreg``. The defaults had the fewest spills under ptxas (triton 3.6):
@@ -380,5 +394,5 @@ def keys_ws(q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, ws: int, wb: int, scale
         *q.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *kb.stride()[:3], *vb.stride()[:3],
         *do.stride()[:3], *dkb.stride()[:3], *dvb.stride()[:3],
         S, HQ, HKV, HQ // HKV, ws, wb, qk_scale, abs(float(scale)),
-        NEG_Z=neg_z, D=D, DV=DV, BI=BI, BH=BH, BT=BT, BM=BM, BR=builder_rows, KN=KN, NS=stages, STAGE=stage,
+        NEG_Z=neg_z, D=D, DV=DV, BI=BI, BH=BH, BT=BT, BM=BM, BR=builder_rows, KN=KN, NS=stages, STAGE=stage, PINGPONG=pingpong,
         CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg or 168)
