@@ -51,34 +51,24 @@ def test_ptxas_reports_registers_and_spills_with_config_overrides():
     assert lines["{}"]["rows"].split()[2] != lines['{"BN": 16}']["rows"].split()[2]
 
 
-def test_gluon_forward_compiles_and_assembles_for_sm90a():
-    """The warp-specialised Gluon forward (``fwd_ws``, not dispatched; no interpreter runs Gluon,
-    so this is what the CPU can check of it) compiles under the installed triton and assembles
-    for sm_90a at its three kinds of work unit: a tile with its own ring, a pair of head blocks
-    with FA3's order and ping-pong, a pair of position blocks (MHA, negative scale)."""
+@pytest.mark.parametrize("cases,kernel", [
+    (("ws-gqa64", "ws-gqa64-pingpong", "ws-mha-share"), "_fwd_ws_kernel"),
+    (("keys-ws-gqa64", "keys-ws-mha", "keys-ws-mha-d64", "keys-ws-s1", "keys-ws-stage-pingpong"), "_keys_ws_kernel"),
+], ids=["forward", "keys"])
+def test_gluon_kernels_compile_and_assemble_for_sm90a(cases, kernel):
+    """The warp-specialised Gluon kernels (not dispatched; no interpreter runs Gluon, so this is
+    what the CPU can check of them) compile under the installed triton and assemble for sm_90a.
+    The forward (``fwd_ws``) at its three kinds of work unit: a tile with its own ring, a pair of
+    head blocks with FA3's order and ping-pong, a pair of position blocks (MHA, negative scale).
+    The backward's keys kernel (``bwd_ws``): GQA-64 and MHA at D 128 (the builder at 40
+    registers beside two 232-register consumers), fp16 at D 64, S = 1 with windows of 1
+    (integer arguments of 1 become constants), and the builder's ``cp.async`` staging with the
+    consumers' ping-pong at MHA D 128."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = ("ws-gqa64", "ws-gqa64-pingpong", "ws-mha-share")
     r = subprocess.run([sys.executable, "-m", "benchmarks.tuning.ptx_hash", "--cases", ",".join(cases), "--ptxas"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("ws-")}
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.split() and ln.split()[0] in cases}
     assert set(lines) == set(cases), r.stdout
-    assert all("(_fwd_ws_kernel)" in ln and re.search(r"regs \d+, spills \d+ / \d+ bytes", ln)
-               for ln in lines.values()), r.stdout
-
-
-def test_gluon_keys_kernel_compiles_and_assembles_for_sm90a():
-    """The warp-specialised Gluon keys kernel of the backward (``bwd_ws``, not dispatched)
-    compiles under the installed triton and assembles for sm_90a: GQA-64 and MHA at D 128 (the
-    builder at 40 registers beside two 232-register consumers), fp16 at D 64, S = 1 with
-    windows of 1 (integer arguments of 1 become constants), and the builder's ``cp.async``
-    staging with the consumers' ping-pong at MHA D 128."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cases = ("keys-ws-gqa64", "keys-ws-mha", "keys-ws-mha-d64", "keys-ws-s1", "keys-ws-stage-pingpong")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.tuning.ptx_hash", "--cases", ",".join(cases), "--ptxas"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("keys-ws-")}
-    assert set(lines) == set(cases), r.stdout
-    assert all("(_keys_ws_kernel)" in ln and re.search(r"regs \d+, spills \d+ / \d+ bytes", ln)
+    assert all(f"({kernel})" in ln and re.search(r"regs \d+, spills \d+ / \d+ bytes", ln)
                for ln in lines.values()), r.stdout

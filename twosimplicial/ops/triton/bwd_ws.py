@@ -56,6 +56,19 @@ NS = 2         # tiles in flight (ring slots)
 
 
 @gluon.jit
+def _program(dims, BI: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr, KN: gl.constexpr):
+    """This program's batch (int64), kv head and first key ``j0``, and its walk's sizes: offset
+    chunks per position ``n_t``, position tiles ``n_pt`` (positions ``j0 .. j0 + 2 KN - 2 + wb``
+    inside the sequence) and tiles in all ``n_tiles`` (times the head blocks)."""
+    S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
+    pid_bg = gl.program_id(0)
+    j0 = gl.program_id(1) * (2 * KN)
+    n_t = (WS + BT - 1) // BT
+    n_pt = (gl.minimum(S, j0 + 2 * KN - 1 + WB) - j0 + BI - 1) // BI
+    return (pid_bg // HKV).to(gl.int64), pid_bg % HKV, j0, n_t, n_pt, ((GQA + BH - 1) // BH) * n_pt * n_t
+
+
+@gluon.jit
 def _walk(k, j0, n_t, n_pt, BI: gl.constexpr, BH: gl.constexpr, BT: gl.constexpr):
     """Tile ``k`` of a program's flat walk: ``(h0, i0, t0)``, its first head inside the group,
     first position and first offset; head blocks slowest, then positions (``n_pt`` tiles of
@@ -169,13 +182,7 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
     zbuf, dbuf, lbuf, tbuf, kbuf, vbuf, kst, vst = bufs
     ready, empty, _turn = bars
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
-    pid_bg = gl.program_id(0)
-    b = (pid_bg // HKV).to(gl.int64)
-    hk = pid_bg % HKV
-    j0 = gl.program_id(1) * (2 * KN)
-    n_t = (WS + BT - 1) // BT
-    n_pt = (gl.minimum(S, j0 + 2 * KN - 1 + WB) - j0 + BI - 1) // BI
-    n_tiles = ((GQA + BH - 1) // BH) * n_pt * n_t
+    b, hk, j0, n_t, n_pt, n_tiles = _program(dims, BI, BH, BT, KN)
     if STAGE:                                       # tile 0's copies (a fresh slot: phase 1 passes at once)
         h0, i0, t0 = _walk(0, j0, n_t, n_pt, BI, BH, BT)
         mbarrier.wait(empty.index(0), 1)
@@ -227,13 +234,7 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
     ready, empty, turn = bars
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
     dtype: gl.constexpr = zbuf.dtype
-    pid_bg = gl.program_id(0)
-    b = (pid_bg // HKV).to(gl.int64)
-    hk = pid_bg % HKV
-    j0 = gl.program_id(1) * (2 * KN)
-    n_t = (WS + BT - 1) // BT
-    n_pt = (gl.minimum(S, j0 + 2 * KN - 1 + WB) - j0 + BI - 1) // BI
-    n_tiles = ((GQA + BH - 1) // BH) * n_pt * n_t
+    b, hk, j0, n_t, n_pt, n_tiles = _program(dims, BI, BH, BT, KN)
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     k_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
