@@ -355,8 +355,8 @@ def test_gpu_ws_keys_kernel_matches_the_triton_backward(case):
         got = two_simplicial_bwd(*args, config={"ws": knobs})
         errs = _assert_within(got, ref, GPU_TOL[dtype])
         for i, (g, t) in enumerate(zip(got, base)):
-            if i in big:
-                scale = max(t.double().norm().item(), 1e-30)
+            if i in big:     # relative, with _assert_within's floor for gradients that cancel (S = 1)
+                scale = max(t.double().norm().item(), 1e-2 * t.numel() ** 0.5)
                 assert (g.double() - t.double()).norm().item() / scale < 2e-3, (name, NAMES[i], errs)
             else:
                 assert torch.equal(g, t), (name, NAMES[i])
