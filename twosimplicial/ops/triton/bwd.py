@@ -40,6 +40,9 @@ positions (full windows) first, so the short programs near a sequence's ends fil
   head blocks of a group all touch the same keys: ``_sum_slices`` adds them afterwards, in a
   fixed order, into dk_s and dv_s.
 
+``config={"ws": {...}}`` runs a warp-specialised Gluon prototype of the keys kernel in its place
+(``bwd_ws.py``, not dispatched: docs/kernels.md, The warp-specialised keys kernel).
+
 In both kernels only (tile, key block) pairs on a window's edge compute the window mask; pairs
 wholly inside every row's window run unmasked (keys kernel: separate loops, a ``MASK`` constexpr;
 rows kernel: one loop, a runtime flag): rows outside the problem (past S, l < 0, padding heads)
