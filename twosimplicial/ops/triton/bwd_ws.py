@@ -368,14 +368,14 @@ def keys_ws(q, ks, vs, kb, vb, do, lse, delta, dkb, dvb, ws: int, wb: int, scale
     Knobs: ``stages`` (ring slots, at least 2), ``stage`` (the builder copies the factors of
     ``z``, ``dO'`` with ``cp.async``, a tile ahead, and multiplies them in shared memory: no
     registers held while loads are in flight), ``pingpong`` (the consumers issue their products
-    in turn), ``builder_rows`` (rows the builder gathers at a
-    time: a divisor of 64, at least 8), the consumers' registers (the builder gets what the
+    in turn), ``builder_rows`` (rows the builder gathers at a time: a divisor of 64, at least
+    8), the consumers' registers (the builder gets what the
     kernel's ``maxnreg`` leaves: 40 at D = 128, where the consumers' accumulators take 232, and
     136 at D = 64) and ``maxnreg``. The defaults had the fewest spills under ptxas (triton 3.6):
     at D = 128 8-row chunks (one 16-byte load per thread and tensor), 32-56 bytes (consumer
     scalars, outside the products), or with ``stage`` 32-row chunks (fewer partition barriers;
     36-72 bytes); at D = 64 32-row chunks, none. ``stage`` with 3 stages at D = 128 takes
-    231,224 of the 232,448 bytes of shared memory a block may have."""
+    231,232 of the 232,448 bytes of shared memory a block may have (``metadata.shared``)."""
     B, S, HQ, D = q.shape
     HKV, DV = kb.shape[2], vb.shape[3]
     BI, BH, BT = tile
