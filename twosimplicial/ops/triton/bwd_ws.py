@@ -33,7 +33,6 @@ unchanged), for tests and benchmarks (docs/kernels.md, The warp-specialised keys
 """
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -42,13 +41,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from ..plan import Plan
+from . import gluon_common
 from .common import kernel, z_scaling
-from .fwd_ws import _issue_turn, _pass_turn
-
-# renamed between triton 3.6 and 3.9 (the old names raise or are gone): a barrier of the
-# partition's threads, and the cp.async global -> shared copy
-_thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+from .gluon_common import cp_async, in_scope, issue_turn, pass_turn, rows_layout, thread_barrier, tile_rows
 
 KN = 64        # keys per consumer (one warpgroup's wgmma M); a program owns 2 KN
 BM = 64        # virtual rows per tile (the products' N and K)
@@ -88,14 +83,11 @@ def _row_ptrs(ins, b, hk, h0, i0, t0, r0, dims, D: gl.constexpr, BR: gl.constexp
     group) get 0, so they add nothing to ``dk_b``, ``dv_b``."""
     Q, KS, VS, DO, LSE, DELTA, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2, sdo0, sdo1, sdo2 = ins
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
-    layout: gl.constexpr = _rows_layout(D)
+    layout: gl.constexpr = rows_layout(D)
     r = r0 + gl.arange(0, BR, layout=gl.SliceLayout(1, layout))
     dd = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-    hl = h0 + (r // BT) % BH
-    ii = i0 + r // (BH * BT)
-    t = t0 + r % BT
-    l = ii - t
-    ok = ((ii < S) & (hl < GQA) & (t < WS) & (l >= 0))[:, None]
+    ii, hl, l, ok = tile_rows(r, i0, h0, t0, S, GQA, WS, BH, BT)
+    ok = ok[:, None]
     hq = hk * GQA + hl
     if VALUES:
         x = DO + b * sdo0 + ii[:, None] * sdo1 + hq[:, None] * sdo2 + dd[None, :]
@@ -104,13 +96,6 @@ def _row_ptrs(ins, b, hk, h0, i0, t0, r0, dims, D: gl.constexpr, BR: gl.constexp
         x = Q + b * sq0 + ii[:, None] * sq1 + hq[:, None] * sq2 + dd[None, :]
         y = KS + b * sks0 + l[:, None] * sks1 + hk * sks2 + dd[None, :]
     return x, y, ok
-
-
-@gluon.constexpr_function
-def _rows_layout(D):
-    """The builder's layout of ``[rows, D]``: 8 contiguous elements (16 bytes) per thread."""
-    tpw_c = min(D // 8, 32)
-    return gl.BlockedLayout([1, 8], [32 // tpw_c, tpw_c], [4, 1], [1, 0])
 
 
 @gluon.jit
@@ -137,18 +122,18 @@ def _copy_tile(ins, b, hk, h0, i0, t0, dims, zs, ds_, kst, vst, D: gl.constexpr,
     ``v_s`` into ``vst``; rows that do not exist are zero-filled. One commit group."""
     for c in gl.static_range(BM // BR):
         x, y, ok = _row_ptrs(ins, b, hk, h0, i0, t0, c * BR, dims, D, BR, BH, BT, False)
-        _cp_async(zs.slice(c * BR, BR), x, mask=ok)
-        _cp_async(kst.slice(c * BR, BR), y, mask=ok)
+        cp_async(zs.slice(c * BR, BR), x, mask=ok)
+        cp_async(kst.slice(c * BR, BR), y, mask=ok)
         x, y, ok = _row_ptrs(ins, b, hk, h0, i0, t0, c * BR, dims, DV, BR, BH, BT, True)
-        _cp_async(ds_.slice(c * BR, BR), x, mask=ok)
-        _cp_async(vst.slice(c * BR, BR), y, mask=ok)
+        cp_async(ds_.slice(c * BR, BR), x, mask=ok)
+        cp_async(vst.slice(c * BR, BR), y, mask=ok)
     async_copy.commit_group()
 
 
 @gluon.jit
 def _form_in_place(xs, ys, D: gl.constexpr, BR: gl.constexpr, BM: gl.constexpr, NEG: gl.constexpr):
     """``STAGE``: ``xs <- xs * ys`` (:func:`_product`), ``BR`` rows at a time."""
-    layout: gl.constexpr = _rows_layout(D)
+    layout: gl.constexpr = rows_layout(D)
     for c in gl.static_range(BM // BR):
         x = xs.slice(c * BR, BR).load(layout)
         xs.slice(c * BR, BR).store(_product(x, ys.slice(c * BR, BR).load(layout), NEG))
@@ -159,9 +144,8 @@ def _rows_stats(LSE, DELTA, b, hk, h0, i0, dims, BH: gl.constexpr, BT: gl.conste
     """A tile's per-row ``Lse log2(e)`` and ``Delta`` (per position and head); rows outside the
     problem get lse = inf, so P = dS = 0 there."""
     S, HQ, HKV, GQA, WS, WB, qk_scale, dk_scale = dims
-    r = gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0]))
-    hl = h0 + (r // BT) % BH
-    ii = i0 + r // (BH * BT)
+    ii, hl, _l, _ok = tile_rows(gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [4], [0])), i0, h0, 0, S, GQA, WS,
+                                BH, BT)
     qok = (ii < S) & (hl < GQA)
     row = (b * HQ + hk * GQA + hl) * S + ii
     return (gl.load(LSE + row, mask=qok, other=float("inf")) * 1.4426950408889634,
@@ -204,7 +188,7 @@ def _builder(ins, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.constexpr, DV: gl
             else:
                 async_copy.commit_group()           # an empty group: tile k's is always the second newest
             async_copy.wait_group(1)                # this thread's copies of tile k have landed,
-            _thread_barrier()                       # and every thread's
+            thread_barrier()                       # and every thread's
             _form_in_place(zbuf.index(slot), kst.index(k % 2), D, BR, BM, NEG_Z)
             _form_in_place(dbuf.index(slot), vst.index(k % 2), DV, BR, BM, False)
         else:
@@ -243,8 +227,8 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
     a_v: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=v_layout, k_width=2)
 
     # the consumer's keys, once: k_b, v_b into shared memory (the A operands of S^T, dP^T)
-    ld_k: gl.constexpr = _rows_layout(D)
-    ld_v: gl.constexpr = _rows_layout(DV)
+    ld_k: gl.constexpr = rows_layout(D)
+    ld_v: gl.constexpr = rows_layout(DV)
     jl = j0 + cid * KN + gl.arange(0, KN, layout=gl.SliceLayout(1, ld_k))
     dd = gl.arange(0, D, layout=gl.SliceLayout(0, ld_k))
     kbuf.index(cid).store(gl.load(KB + b * skb0 + jl[:, None] * skb1 + hk * skb2 + dd[None, :], mask=(jl < S)[:, None],
@@ -269,10 +253,10 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
         zs = zbuf.index(slot)
         ds_ = dbuf.index(slot)
         # S^T = k_b z^T and dP^T = v_b dO'^T, both issued before either is waited for
-        _issue_turn(turn, cid, 2 * k, PINGPONG)
+        issue_turn(turn, cid, 2 * k, PINGPONG)
         sT = warpgroup_mma(kb, zs.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dpT = warpgroup_mma(vb, ds_.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pass_turn(turn, cid, PINGPONG)
+        pass_turn(turn, cid, PINGPONG)
         lse2 = lbuf.index(slot).load(gl.SliceLayout(0, s_layout))
         dlt = tbuf.index(slot).load(gl.SliceLayout(0, s_layout))
         sT = warpgroup_mma_wait(1, deps=(sT, ))
@@ -286,10 +270,10 @@ def _consumer(cid, outs, bufs, bars, dims, D: gl.constexpr, DV: gl.constexpr, BI
         # dv_b += P^T dO';  dk_b += dS^T z
         pT = gl.convert_layout(pT.to(dtype), a_v)
         dsT = gl.convert_layout(dsT.to(dtype), a_k)
-        _issue_turn(turn, cid, 2 * k + 1, PINGPONG)
+        issue_turn(turn, cid, 2 * k + 1, PINGPONG)
         dv = warpgroup_mma(pT, ds_, dv, is_async=True)
         dk = warpgroup_mma(dsT, zs, dk, is_async=True)
-        _pass_turn(turn, cid, PINGPONG)
+        pass_turn(turn, cid, PINGPONG)
         dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(empty.index(slot), count=1)
 
@@ -346,14 +330,12 @@ def _keys_ws_kernel(Q, KS, VS, KB, VB, DO, LSE, DELTA, DKB, DVB,
                        [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-SCOPE = "bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), and 32-bit offsets within a batch"
+SCOPE = f"{gluon_common.SCOPE}, and 32-bit offsets within a batch"
 
 
 def supports(plan: Plan, form: str, q, ks, vs, kb, vb, do) -> bool:
     """Whether :func:`keys_ws` takes this problem (:data:`SCOPE`)."""
-    if form != "trilinear" or q.dtype not in (torch.bfloat16, torch.float16) or q.device.type != "cuda":
-        return False
-    if plan.D != plan.Dv or plan.D not in (64, 128):
+    if not in_scope(plan, form, q):
         return False
     reach = plan.S + 2 * KN + plan.wb         # positions a program's tiles index, past the sequence included
     return all(reach * t.stride(1) + (t.shape[2] + 1) * t.stride(2) < 2 ** 31 for t in (q, ks, vs, kb, vb, do))

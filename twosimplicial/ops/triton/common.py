@@ -29,9 +29,8 @@ Vocabulary (both kernels; docs/kernels.md, Virtual rows and the tile)::
 """
 from __future__ import annotations
 
-import types
-
 import functools
+import types
 
 import torch
 import triton

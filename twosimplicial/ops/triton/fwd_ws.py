@@ -37,17 +37,15 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..plan import Plan
+from . import gluon_common
 from .common import kernel, pack_rows, sm_count, z_scaling
 from .fwd import _window_holds
-
-# the copy engine's global -> shared load: async_copy_global_to_shared in triton 3.6, renamed
-# async_load (the old name raises) by triton 3.9
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+from .gluon_common import in_scope, issue_turn, pass_turn, rows_layout, tile_rows, tma_load
 
 BM = 64        # virtual rows per tile (one warpgroup's wgmma M)
 BN = 64        # keys per block
@@ -98,15 +96,11 @@ def _gather(ins, b, hk, hblk, i0, S, GQA, WS, D: gl.constexpr, BH: gl.constexpr,
     """A tile's ``z`` (one rounding to the input dtype), or with ``VALUES`` its ``v_s`` rows
     (``D`` is then the value head dim), in the builder's layout; rows ``r = (p BH + h) BT + t``."""
     Q, KS, VS, sq0, sq1, sq2, sks0, sks1, sks2, svs0, svs1, svs2 = ins
-    TPW_C: gl.constexpr = D // 8 if D // 8 < 32 else 32
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_C, TPW_C], [4, 1], [1, 0])
+    layout: gl.constexpr = rows_layout(D)
     r = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     dd = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-    tt = r % BT
-    hg = hblk * BH + (r // BT) % BH
-    ii = i0 + r // (BH * BT)
-    l = ii - tt
-    ok = ((ii < S) & (hg < GQA) & (tt < WS) & (l >= 0))[:, None]
+    ii, hg, l, ok = tile_rows(r, i0, hblk * BH, 0, S, GQA, WS, BH, BT)
+    ok = ok[:, None]
     if VALUES:
         return gl.load(VS + b * svs0 + l[:, None] * svs1 + hk * svs2 + dd[None, :], mask=ok, other=0.0)
     q = gl.load(Q + b * sq0 + ii[:, None] * sq1 + (hk * GQA + hg)[:, None] * sq2 + dd[None, :], mask=ok,
@@ -198,8 +192,8 @@ def _builder_pairs(ins, outs, bufs, bars, dims, NEG_Z: gl.constexpr, D: gl.const
             bar = kv_ready.index(slot)
             mbarrier.wait(kv_empty.index(slot), ((it // NS) & 1) ^ 1)
             mbarrier.expect(bar, kb_desc.block_type.nbytes + vb_desc.block_type.nbytes)
-            _tma_load(kb_desc, [row - blk * BN, hk * D], bar, kbuf.index(slot))
-            _tma_load(vb_desc, [row - blk * BN, hk * DV], bar, vbuf.index(slot))
+            tma_load(kb_desc, [row - blk * BN, hk * D], bar, kbuf.index(slot))
+            tma_load(vb_desc, [row - blk * BN, hk * DV], bar, vbuf.index(slot))
             it += 1
             if blk == gl.minimum(n_blk, NS) - 1:
                 for c in gl.static_range(2):
@@ -222,8 +216,8 @@ def _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bar
     pred = lu < n_mine
     bar = kv_ready.index(slot)
     mbarrier.expect(bar, kb_desc.block_type.nbytes + vb_desc.block_type.nbytes, pred=pred)
-    _tma_load(kb_desc, [row, lhk * D], bar, kbuf.index(slot), pred=pred)
-    _tma_load(vb_desc, [row, lhk * DV], bar, vbuf.index(slot), pred=pred)
+    tma_load(kb_desc, [row, lhk * D], bar, kbuf.index(slot), pred=pred)
+    tma_load(vb_desc, [row, lhk * DV], bar, vbuf.index(slot), pred=pred)
     lb += 1
     if lb == ln:
         lu += 1
@@ -245,22 +239,6 @@ def _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, b
         lu, lb, ln, lrow, lhk = _fetch(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars, dims,
                                       NCONS, BI, BN, D, DV)
     return lu, lb, ln, lrow, lhk
-
-
-@gluon.jit
-def _issue_turn(turn, cid, g, PINGPONG: gl.constexpr):
-    """With ``PINGPONG``, wait until the other consumer has issued its products of group ``g - 1``
-    (consumer 0 goes first), so that the two consumers' products reach the tensor cores in turn
-    and one's softmax runs while the other's products do (FA3's ping-pong)."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(cid), (g + 1 - cid) & 1)
-
-
-@gluon.jit
-def _pass_turn(turn, cid, PINGPONG: gl.constexpr):
-    """With ``PINGPONG``: this consumer's group of products is issued; the other's turn."""
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - cid), count=1)
 
 
 @gluon.jit
@@ -340,8 +318,8 @@ def _consumer(cid, outs, bufs, bars, dims,
         if EDGE:                                    # the unit's right-edge keys, folded in after the main blocks
             ebar = edge_ready.index(cid)
             mbarrier.expect(ebar, ke_desc.block_type.nbytes + ve_desc.block_type.nbytes)
-            _tma_load(ke_desc, [b * S + first + 1, hk * D], ebar, kebuf.index(cid))
-            _tma_load(ve_desc, [b * S + first + 1, hk * DV], ebar, vebuf.index(cid))
+            tma_load(ke_desc, [b * S + first + 1, hk * D], ebar, kebuf.index(cid))
+            tma_load(ve_desc, [b * S + first + 1, hk * DV], ebar, vebuf.index(cid))
         mbarrier.wait(z_ready.index(cid), u & 1)
         if OVERLAP:
             # FA3's order: S of block k + 1 is issued with P V of block k, and its softmax runs
@@ -356,9 +334,9 @@ def _consumer(cid, outs, bufs, bars, dims,
             pb = ring2
             slot = ring + it % NS
             mbarrier.wait(kv_ready.index(slot), (it // NS) & 1)
-            _issue_turn(turn, cid, tg, PINGPONG)
+            issue_turn(turn, cid, tg, PINGPONG)
             s = warpgroup_mma(zb, kbuf.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            _pass_turn(turn, cid, PINGPONG)
+            pass_turn(turn, cid, PINGPONG)
             tg += 1
             s = warpgroup_mma_wait(0, deps=(s, ))
             p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, 0 >= n_full, j_top, j_min, qk_scale)
@@ -368,10 +346,10 @@ def _consumer(cid, outs, bufs, bars, dims,
                 slot = ring + it % NS
                 nxt = ring + (it + 1) % NS
                 mbarrier.wait(kv_ready.index(nxt), ((it + 1) // NS) & 1)
-                _issue_turn(turn, cid, tg, PINGPONG)
+                issue_turn(turn, cid, tg, PINGPONG)
                 s = warpgroup_mma(zb, kbuf.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
-                _pass_turn(turn, cid, PINGPONG)
+                pass_turn(turn, cid, PINGPONG)
                 tg += 1
                 s = warpgroup_mma_wait(1, deps=(s, ))
                 p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, blk + 1 >= n_full, j_top - (blk + 1) * BN, j_min,
@@ -385,9 +363,9 @@ def _consumer(cid, outs, bufs, bars, dims,
                                                 bars, dims, NCONS, BI, BN, D, DV, PAIRS)
                 it += 1
             slot = ring + it % NS
-            _issue_turn(turn, cid, tg, PINGPONG)
+            issue_turn(turn, cid, tg, PINGPONG)
             acc = warpgroup_mma(pbuf.index(pb), vbuf.index(slot), acc, is_async=True)
-            _pass_turn(turn, cid, PINGPONG)
+            pass_turn(turn, cid, PINGPONG)
             tg += 1
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             lu, lb, ln, lrow, lhk = _release(slot, lu, lb, ln, lrow, lhk, n_mine, pid, nprog, cid, outs, bufs, bars,
@@ -414,9 +392,9 @@ def _consumer(cid, outs, bufs, bars, dims,
             # keys first + 1 .. first + BE: in row r's window iff i_r - WB < j <= i_r (and before S,
             # as i_r is for the rows that exist); one more block of the online softmax
             mbarrier.wait(edge_ready.index(cid), u & 1)
-            _issue_turn(turn, cid, tg, PINGPONG)
+            issue_turn(turn, cid, tg, PINGPONG)
             se = warpgroup_mma(zb, kebuf.index(cid).permute((1, 0)), se_zero, use_acc=False, is_async=True)
-            _pass_turn(turn, cid, PINGPONG)
+            pass_turn(turn, cid, PINGPONG)
             tg += 1
             se = warpgroup_mma_wait(0, deps=(se, ))
             ir = gl.convert_layout(i_row, se_rows)
@@ -430,19 +408,15 @@ def _consumer(cid, outs, bufs, bars, dims,
             l_i = gl.convert_layout(l_i, se_rows) * alpha_e + gl.sum(p_e, 1)
             m_i = m_new
             acc = acc * gl.convert_layout(alpha_e, o_rows)[:, None]
-            _issue_turn(turn, cid, tg, PINGPONG)
+            issue_turn(turn, cid, tg, PINGPONG)
             acc = warpgroup_mma(gl.convert_layout(p_e.to(zbuf.dtype), p_layout), vebuf.index(cid), acc, is_async=True)
-            _pass_turn(turn, cid, PINGPONG)
+            pass_turn(turn, cid, PINGPONG)
             tg += 1
             acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(z_empty.index(cid), count=1)
 
         # merge of the tile's offsets per query (fwd.py, (2)), in base 2
-        r = gl.arange(0, BM, layout=o_rows)
-        tt = r % BT
-        hg = hblk * BH + (r // BT) % BH
-        ii = i0 + r // (BH * BT)
-        rvalid = (ii < S) & (hg < GQA) & (tt < WS) & (ii - tt >= 0)
+        _ii, _hg, _l, rvalid = tile_rows(gl.arange(0, BM, layout=o_rows), i0, hblk * BH, 0, S, GQA, WS, BH, BT)
         mbarrier.wait(vs_ready.index(vc), ((cid + NCONS * u) // N_VS) & 1)   # the program's tile k // N_VS
         vs = vsb.load(o_layout).to(gl.float32)
         mbarrier.arrive(vs_empty.index(vc), count=1)
@@ -557,15 +531,13 @@ def _fwd_ws_kernel(Q, KS, VS, kb_desc, vb_desc, ke_desc, ve_desc, O, LSE, CNT_S,
                            [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
-SCOPE = ("bf16 / fp16 CUDA tensors, the trilinear form, D = Dv in (64, 128), contiguous k_b / v_b, 32-bit "
-         "offsets, and a small window that fits one tile (<= 64 offsets; > 1 without GQA)")
+SCOPE = (f"{gluon_common.SCOPE}, contiguous k_b / v_b, 32-bit offsets, and a small window that fits one tile "
+         "(<= 64 offsets; > 1 without GQA)")
 
 
 def supports(plan: Plan, form: str, q, ks, vs, kb, vb) -> bool:
     """Whether :func:`canonical_fwd_ws` takes this problem (:data:`SCOPE`)."""
-    if form != "trilinear" or q.dtype not in (torch.bfloat16, torch.float16) or q.device.type != "cuda":
-        return False
-    if plan.D != plan.Dv or plan.D not in (64, 128):
+    if not in_scope(plan, form, q):
         return False
     BI, BH, BT = pack_rows(BM, plan.gqa, plan.ws)
     # 32-bit indices: copy-engine rows of the [B * S, Hkv * D] views, position * stride offsets
